@@ -1,0 +1,279 @@
+//! Devices for tests: [`FaultyDev`] fails chosen operations with EIO,
+//! [`CrashDev`] simulates power loss by keeping what is durable apart from
+//! what was only written.
+
+use super::{check_range, BlockDev, MemDev, WriteFlags};
+use parking_lot::Mutex;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+fn injected() -> io::Error {
+    io::Error::from_raw_os_error(libc::EIO)
+}
+
+/// Which operations a [`Fault`] hits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    Read,
+    Write,
+    Flush,
+    Discard,
+    Any,
+}
+
+/// One fault rule.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// Fail operations of `kind` that touch `[offset, offset+len)`.
+    Range { kind: OpKind, offset: u64, len: u64 },
+    /// Fail the `n`th operation of `kind` counted from when the rule was added (0-based).
+    Nth { kind: OpKind, n: u64 },
+    /// Fail every operation of `kind` from now on.
+    Always { kind: OpKind },
+}
+
+struct FaultState {
+    rules: Vec<(Fault, u64)>, // rule, ops of its kind seen since added
+}
+
+/// Wraps a device and fails operations that match its rules with EIO.
+pub struct FaultyDev<D: BlockDev> {
+    inner: D,
+    state: Mutex<FaultState>,
+    injected: AtomicU64,
+}
+
+impl<D: BlockDev> FaultyDev<D> {
+    pub fn new(inner: D) -> Self {
+        FaultyDev {
+            inner,
+            state: Mutex::new(FaultState { rules: Vec::new() }),
+            injected: AtomicU64::new(0),
+        }
+    }
+    pub fn add(&self, f: Fault) {
+        self.state.lock().rules.push((f, 0));
+    }
+    pub fn clear(&self) {
+        self.state.lock().rules.clear();
+    }
+    /// How many operations were failed so far.
+    pub fn injected(&self) -> u64 {
+        self.injected.load(Ordering::Relaxed)
+    }
+    pub fn inner(&self) -> &D {
+        &self.inner
+    }
+
+    fn check(&self, kind: OpKind, offset: u64, len: u64) -> io::Result<()> {
+        let mut st = self.state.lock();
+        let mut fail = false;
+        for (rule, seen) in st.rules.iter_mut() {
+            let matches_kind = |k: OpKind| k == OpKind::Any || k == kind;
+            match rule {
+                Fault::Range {
+                    kind: k,
+                    offset: o,
+                    len: l,
+                } => {
+                    if matches_kind(*k) && offset < *o + *l && *o < offset + len.max(1) {
+                        fail = true;
+                    }
+                }
+                Fault::Nth { kind: k, n } => {
+                    if matches_kind(*k) {
+                        if *seen == *n {
+                            fail = true;
+                        }
+                        *seen += 1;
+                    }
+                }
+                Fault::Always { kind: k } => {
+                    if matches_kind(*k) {
+                        fail = true;
+                    }
+                }
+            }
+        }
+        if fail {
+            self.injected.fetch_add(1, Ordering::Relaxed);
+            return Err(injected());
+        }
+        Ok(())
+    }
+}
+
+impl<D: BlockDev> BlockDev for FaultyDev<D> {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn logical_block_size(&self) -> u32 {
+        self.inner.logical_block_size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.check(OpKind::Read, offset, buf.len() as u64)?;
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, flags: WriteFlags) -> io::Result<()> {
+        self.check(OpKind::Write, offset, buf.len() as u64)?;
+        self.inner.write_at(buf, offset, flags)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.check(OpKind::Flush, 0, 0)?;
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check(OpKind::Discard, offset, len)?;
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> io::Result<()> {
+        self.check(OpKind::Write, offset, len)?;
+        self.inner.write_zeroes(offset, len, flags)
+    }
+}
+
+struct CrashState {
+    /// Current contents: every write lands here at once.
+    live: Vec<u8>,
+    /// Contents made durable by a completed flush or FUA write.
+    durable: Vec<u8>,
+    /// Writes not yet covered by a flush, in order: (offset, bytes).
+    unflushed: Vec<(u64, Vec<u8>)>,
+    /// Write/flush operations performed so far.
+    ops: u64,
+    /// After this many write/flush operations the device "loses power":
+    /// the operation that would be number `crash_after` and all later ones fail.
+    crash_after: Option<u64>,
+    crashed: bool,
+}
+
+/// A device that simulates power loss. Writes land in `live`; a flush makes
+/// them durable; a FUA write makes itself durable. [`CrashDev::crash`] returns
+/// the durable image: every write not covered by a later flush (or FUA) is
+/// lost. [`CrashDev::crash_after`] arms a power cut at the n-th write/flush,
+/// after which every operation fails, so a workload can be cut at every point.
+pub struct CrashDev {
+    st: Mutex<CrashState>,
+}
+
+impl CrashDev {
+    /// A zeroed device of `len` bytes (durable as zeroes).
+    pub fn new(len: u64) -> Self {
+        Self::from_vec(vec![0; len as usize])
+    }
+    /// A device whose durable and live content is `bytes`.
+    pub fn from_vec(bytes: Vec<u8>) -> Self {
+        CrashDev {
+            st: Mutex::new(CrashState {
+                durable: bytes.clone(),
+                live: bytes,
+                unflushed: Vec::new(),
+                ops: 0,
+                crash_after: None,
+                crashed: false,
+            }),
+        }
+    }
+    /// Cut power when the `n`-th write or flush (0-based, counted from the
+    /// device's creation) is attempted: it and all later operations fail.
+    pub fn crash_after(&self, n: u64) {
+        self.st.lock().crash_after = Some(n);
+    }
+    /// Write and flush operations performed so far.
+    pub fn ops(&self) -> u64 {
+        self.st.lock().ops
+    }
+    /// True once the armed power cut happened.
+    pub fn has_crashed(&self) -> bool {
+        self.st.lock().crashed
+    }
+    /// What survives a power loss now: the durable image.
+    pub fn crash(&self) -> Vec<u8> {
+        self.st.lock().durable.clone()
+    }
+    /// The durable image plus the first `keep` unflushed writes (a disk may
+    /// persist some of its cache in order before power goes).
+    pub fn crash_keeping(&self, keep: usize) -> Vec<u8> {
+        let st = self.st.lock();
+        let mut img = st.durable.clone();
+        for (off, data) in st.unflushed.iter().take(keep) {
+            let o = *off as usize;
+            img[o..o + data.len()].copy_from_slice(data);
+        }
+        img
+    }
+    /// Number of writes not yet covered by a flush.
+    pub fn unflushed_writes(&self) -> usize {
+        self.st.lock().unflushed.len()
+    }
+    /// The live contents.
+    pub fn live(&self) -> Vec<u8> {
+        self.st.lock().live.clone()
+    }
+    /// A new in-memory device holding the durable image (reopen after a crash).
+    pub fn reopen(&self) -> Arc<MemDev> {
+        Arc::new(MemDev::from_vec(self.crash()))
+    }
+
+    fn tick(st: &mut CrashState) -> io::Result<()> {
+        if st.crashed {
+            return Err(injected());
+        }
+        if let Some(n) = st.crash_after {
+            if st.ops >= n {
+                st.crashed = true;
+                return Err(injected());
+            }
+        }
+        st.ops += 1;
+        Ok(())
+    }
+}
+
+impl BlockDev for CrashDev {
+    fn len(&self) -> u64 {
+        self.st.lock().live.len() as u64
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let st = self.st.lock();
+        if st.crashed {
+            return Err(injected());
+        }
+        check_range(offset, buf.len() as u64, st.live.len() as u64)?;
+        let o = offset as usize;
+        buf.copy_from_slice(&st.live[o..o + buf.len()]);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, flags: WriteFlags) -> io::Result<()> {
+        let mut st = self.st.lock();
+        check_range(offset, buf.len() as u64, st.live.len() as u64)?;
+        Self::tick(&mut st)?;
+        let o = offset as usize;
+        st.live[o..o + buf.len()].copy_from_slice(buf);
+        if flags.fua {
+            st.durable[o..o + buf.len()].copy_from_slice(buf);
+        }
+        // Kept even when FUA: a later flush replays the unflushed writes in
+        // order, so an older write to the same bytes cannot win over this one.
+        st.unflushed.push((offset, buf.to_vec()));
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        let mut st = self.st.lock();
+        Self::tick(&mut st)?;
+        let st = &mut *st;
+        for (off, data) in st.unflushed.drain(..) {
+            let o = off as usize;
+            st.durable[o..o + data.len()].copy_from_slice(&data);
+        }
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.write_zeroes(offset, len, WriteFlags::NONE)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> io::Result<()> {
+        let zeroes = vec![0u8; len as usize];
+        self.write_at(&zeroes, offset, flags)
+    }
+}

@@ -1,0 +1,201 @@
+//! Exception stores: the `dm_exception_store_type` vtable as a trait, with the
+//! persistent store (the kernel's on-disk format, [`persistent`]) and the
+//! transient store ([`transient`], `N`: nothing survives a restart).
+//!
+//! Calling discipline (as in the kernel, where kcopyd delivers completions on
+//! one thread): the engine holds the store behind one lock; every
+//! `prepare_exception` is later matched by exactly one `commit_exception`
+//! (with `valid = false` if the copy failed), and commits arrive **in
+//! allocation order**.
+
+pub mod persistent;
+pub mod transient;
+
+// pub use persistent::PersistentStore; (added with the persistent store)
+pub use transient::TransientStore;
+
+use crate::format::{DiskException, HeaderError};
+use crate::units::{Chunk, ChunkSize, Sector};
+use std::io;
+
+/// The table's `<P|PO|N>` argument.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum StoreType {
+    /// `P`: persistent; a full COW invalidates the snapshot.
+    #[serde(rename = "P")]
+    Persistent,
+    /// `PO`: persistent, overflow mode: a full COW fails snapshot writes only.
+    #[serde(rename = "PO")]
+    PersistentOverflow,
+    /// `N`: transient.
+    #[serde(rename = "N")]
+    Transient,
+}
+
+impl StoreType {
+    /// The table spelling: `P`, `PO` or `N`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreType::Persistent => "P",
+            StoreType::PersistentOverflow => "PO",
+            StoreType::Transient => "N",
+        }
+    }
+    pub fn is_persistent(self) -> bool {
+        !matches!(self, StoreType::Transient)
+    }
+}
+
+impl std::str::FromStr for StoreType {
+    type Err = String;
+    /// Case-insensitive `P`, `PO` or `N` (stricter than the kernel, which
+    /// ignores extra characters after `N`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_uppercase().as_str() {
+            "P" => Ok(StoreType::Persistent),
+            "PO" => Ok(StoreType::PersistentOverflow),
+            "N" => Ok(StoreType::Transient),
+            _ => Err(format!("store type '{s}' is not P, PO or N")),
+        }
+    }
+}
+
+impl std::fmt::Display for StoreType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Usage as `dmsetup status` prints it: `<allocated>/<total> <metadata>`, in sectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Usage {
+    /// Sectors handed out, header and metadata included (`next_free × chunk_size`).
+    pub allocated: Sector,
+    /// The COW device's size.
+    pub total: Sector,
+    /// Header plus metadata areas up to the current one.
+    pub metadata: Sector,
+}
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{} {}", self.allocated, self.total, self.metadata)
+    }
+}
+
+/// Errors of an exception store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("COW device full: no room for another {chunk_size} chunk ({usage} in use)")]
+    Full { chunk_size: ChunkSize, usage: Usage },
+    #[error("reading the COW header")]
+    ReadHeader(#[source] io::Error),
+    #[error("writing the COW header")]
+    WriteHeader(#[source] io::Error),
+    #[error("the COW header is not usable")]
+    Header(#[source] HeaderError),
+    #[error("reading metadata area {area}")]
+    ReadArea {
+        area: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("writing metadata area {area}")]
+    WriteArea {
+        area: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("zeroing metadata area {area}")]
+    ZeroArea {
+        area: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("flushing the COW device")]
+    Flush(#[source] io::Error),
+    #[error("the COW device of {cow_bytes} bytes is too small: a {chunk_size} chunk store needs at least {min_bytes} bytes")]
+    TooSmall {
+        cow_bytes: u64,
+        chunk_size: ChunkSize,
+        min_bytes: u64,
+    },
+    #[error("the COW device's chunk size {on_disk} differs from the requested {requested}")]
+    ChunkSizeMismatch {
+        on_disk: ChunkSize,
+        requested: ChunkSize,
+    },
+    #[error("corrupt metadata in area {area}, slot {slot}: {what}")]
+    Corrupt { area: u64, slot: u64, what: String },
+    #[error("the exception store is invalid (an earlier error or an invalidated snapshot)")]
+    Invalid,
+    #[error("this store type cannot merge (only persistent stores can)")]
+    MergeUnsupported,
+}
+
+/// Called once a committed exception is durable (`true`) or has failed (`false`).
+pub type CommitCallback = Box<dyn FnOnce(bool) + Send>;
+
+/// Callbacks the store has finished with: the caller runs them *after*
+/// releasing the store's lock (they may take engine locks).
+#[must_use = "the callbacks must be run"]
+#[derive(Default)]
+pub struct Completed(pub Vec<(CommitCallback, bool)>);
+
+impl Completed {
+    /// Run every callback, in commit order.
+    pub fn run(self) {
+        for (cb, ok) in self.0 {
+            cb(ok);
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// `dm_exception_store_type` as a trait. Method docs name the kernel function
+/// each one mirrors.
+pub trait ExceptionStore: Send {
+    /// The chunk size in use (for a persistent store: the on-disk one).
+    fn chunk_size(&self) -> ChunkSize;
+
+    /// False once the store was invalidated or hit a write error
+    /// (`ps->valid == 0`); an invalid store writes no more metadata.
+    fn is_valid(&self) -> bool;
+
+    /// `read_metadata`: hand every committed exception to `sink`, in on-disk
+    /// order. Called once, before any other method but `chunk_size`.
+    fn read_metadata(&mut self, sink: &mut dyn FnMut(DiskException)) -> Result<(), StoreError>;
+
+    /// `prepare_exception`: allocate the COW chunk for a new exception.
+    /// `Err(StoreError::Full)` when the COW has no room.
+    fn prepare_exception(&mut self) -> Result<Chunk, StoreError>;
+
+    /// `commit_exception`: record `e` (whose data copy has completed, or failed
+    /// when `valid` is false). Group commit: the record may be held until no
+    /// other prepared exception is pending or the area is full; the returned
+    /// callbacks are those whose records are now durable (or failed).
+    fn commit_exception(
+        &mut self,
+        e: DiskException,
+        valid: bool,
+        callback: CommitCallback,
+    ) -> Completed;
+
+    /// `prepare_merge`: the last committed exception and the length of the
+    /// run ending at it in which both `old_chunk` and `new_chunk` are
+    /// consecutive. `Ok(None)` when nothing is left to merge. Returns
+    /// `(last_old_chunk, last_new_chunk, nr_consecutive)`.
+    fn prepare_merge(&mut self) -> Result<Option<(Chunk, Chunk, u64)>, StoreError>;
+
+    /// `commit_merge`: forget the last `nr_merged` exceptions, durably
+    /// (the cleared records are the resume point after a crash).
+    fn commit_merge(&mut self, nr_merged: u64) -> Result<(), StoreError>;
+
+    /// `drop_snapshot`: invalidate the store (header `valid = 0`).
+    fn drop_snapshot(&mut self) -> Result<(), StoreError>;
+
+    /// `usage`: the figures of `dmsetup status`.
+    fn usage(&self) -> Usage;
+}
