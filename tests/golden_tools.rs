@@ -757,3 +757,19 @@ fn a_header_claiming_huge_chunks_is_bounded() {
     ));
     run_everything(img);
 }
+
+#[test]
+fn extreme_chunk_numbers_do_not_overflow() {
+    for new in [u64::MAX, u64::MAX - 1, 1 << 63] {
+        let mut img = small_golden();
+        set_rec(&mut img, 0, 255, u64::MAX, new);
+        let r = check_of(img.clone());
+        assert!(r.findings.iter().any(
+            |f| f.chunk == Some(new) && matches!(f.kind, FindingKind::NewChunkBeyondEnd { .. })
+        ));
+        run_everything(img.clone());
+        // The dump of it is refused by restore (it would need > 2^64 bytes).
+        let doc = DumpDoc::parse(dump_json_of(&MemDev::from_vec(img)).as_bytes()).unwrap();
+        assert!(doc.plan().is_err());
+    }
+}

@@ -376,7 +376,13 @@ impl SummaryBuilder {
             exceptions: self.exceptions,
             areas_used: self.exceptions.div_ceil(e),
             current_area: self.exceptions / e,
-            next_free: crate::format::skip_metadata(self.cs, Chunk(self.next_free)).0,
+            // Kernel skip_metadata, saturating: a hostile new_chunk near
+            // u64::MAX must not overflow.
+            next_free: if crate::format::is_metadata_chunk(self.cs, Chunk(self.next_free)) {
+                self.next_free.saturating_add(1)
+            } else {
+                self.next_free
+            },
         }
     }
 }
