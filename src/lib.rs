@@ -11,5 +11,7 @@
 pub mod device;
 pub mod format;
 pub mod io;
+pub mod report;
 pub mod store;
+pub mod tools;
 pub mod units;
