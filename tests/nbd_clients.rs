@@ -190,12 +190,8 @@ fn run_status(cmd: &mut Command) -> Output {
 }
 
 fn json(out: &Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 #[test]
@@ -286,9 +282,12 @@ fn exports_added_and_removed_while_serving() {
     f.exports.add("origin", Counting::new(MIB, false));
     let size = |name: &str| {
         let out = run_status(Command::new("nbdinfo").arg("--size").arg(f.uri(name)));
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().parse::<u64>().unwrap())
+        out.status.success().then(|| {
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse::<u64>()
+                .unwrap()
+        })
     };
     assert_eq!(size("later"), None);
     f.exports.add("later", Counting::new(2 * MIB, false));
@@ -325,7 +324,11 @@ fn qemu_img_convert_into_export_then_compare() {
             .arg(&src)
             .arg(f.uri("origin")),
     );
-    assert_eq!(out.status.code(), Some(1), "qemu-img compare should see the change");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "qemu-img compare should see the change"
+    );
 }
 
 #[test]
@@ -359,10 +362,22 @@ fn qemu_io_write_read_flush_fua_zero_discard() {
     assert!(c[4608..m].iter().all(|&b| b == 0xab));
     assert!(c[m..m + 65536].iter().all(|&b| b == 0xcd));
     assert!(c[2 * m..2 * m + m / 2].iter().all(|&b| b == 0));
-    assert!(dev.flushes.load(Ordering::SeqCst) >= 1, "FLUSH reached the device");
-    assert!(dev.fua_writes.load(Ordering::SeqCst) >= 1, "FUA reached the device");
-    assert!(dev.zeroes.load(Ordering::SeqCst) >= 1, "WRITE_ZEROES reached the device");
-    assert!(dev.discards.load(Ordering::SeqCst) >= 1, "TRIM reached the device");
+    assert!(
+        dev.flushes.load(Ordering::SeqCst) >= 1,
+        "FLUSH reached the device"
+    );
+    assert!(
+        dev.fua_writes.load(Ordering::SeqCst) >= 1,
+        "FUA reached the device"
+    );
+    assert!(
+        dev.zeroes.load(Ordering::SeqCst) >= 1,
+        "WRITE_ZEROES reached the device"
+    );
+    assert!(
+        dev.discards.load(Ordering::SeqCst) >= 1,
+        "TRIM reached the device"
+    );
 }
 
 #[test]
@@ -433,7 +448,10 @@ fn nbdcopy_both_directions() {
     assert!(dev.flushes.load(Ordering::SeqCst) >= 1);
     let back = f.path("back.img");
     run(Command::new("nbdcopy").arg(f.uri("origin")).arg(&back));
-    assert!(std::fs::read(&back).unwrap() == data, "export -> file differs");
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "export -> file differs"
+    );
 }
 
 #[test]
@@ -446,8 +464,10 @@ fn two_nbdcopy_at_once_with_multi_conn() {
     std::fs::write(&src_a, &data_a).unwrap();
     // A read-only export with known content, read while the other is written.
     let data_b = random_bytes(16 * MIB, 4);
-    f.exports
-        .add("snap", Counting::with(MemDev::from_vec(data_b.clone()), false));
+    f.exports.add(
+        "snap",
+        Counting::with(MemDev::from_vec(data_b.clone()), false),
+    );
     let out_b = f.path("b.img");
     let mut ca = Command::new("nbdcopy");
     ca.args(["--connections=4", "--requests=32"])
@@ -502,7 +522,9 @@ fn fio_randwrite_then_verify() {
     let c = dev.content();
     let first_nonzero = c.iter().position(|&b| b != 0).unwrap();
     let off = first_nonzero as u64 / 4096 * 4096 + 100;
-    dev.inner.write_at(&[!c[off as usize]; 8], off, false).unwrap();
+    dev.inner
+        .write_at(&[!c[off as usize]; 8], off, false)
+        .unwrap();
     let out = run_status(
         Command::new("fio")
             .args([
@@ -538,7 +560,10 @@ fn shutdown_finishes_and_closes_connections() {
         .unwrap();
     let t0 = Instant::now();
     while f.server.connections() == 0 {
-        assert!(t0.elapsed() < Duration::from_secs(20), "qemu-io never connected");
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "qemu-io never connected"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let t = Instant::now();
