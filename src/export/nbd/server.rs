@@ -797,7 +797,7 @@ impl Conn {
 
     /// Write one reply made of `parts`, atomically with respect to other
     /// replies. On failure the connection is dead.
-    fn send(&self, parts: &[&[u8]]) {
+    fn send(&self, parts: &mut [IoSlice<'_>]) {
         if self.dead.load(Ordering::Relaxed) {
             return;
         }
@@ -813,22 +813,19 @@ impl Conn {
     fn reply(&self, req: &Request, error: u32, msg: &str) {
         if self.structured && req.command == cmd::READ {
             if error == 0 {
-                self.send(&[&proto::encode_none_chunk(req.cookie)]);
+                self.send(&mut [IoSlice::new(&proto::encode_none_chunk(req.cookie))]);
             } else {
                 let mut out = Vec::with_capacity(64);
                 proto::encode_error_chunk(&mut out, req.cookie, error, None, msg, true);
-                self.send(&[&out]);
+                self.send(&mut [IoSlice::new(&out)]);
             }
         } else {
-            self.send(&[&proto::encode_simple_reply(error, req.cookie)]);
+            self.send(&mut [IoSlice::new(&proto::encode_simple_reply(error, req.cookie))]);
         }
     }
 }
 
-fn write_all_vectored(w: &mut impl Write, parts: &[&[u8]]) -> io::Result<()> {
-    let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
-    let mut bufs = &mut slices[..];
-    IoSlice::advance_slices(&mut bufs, 0);
+fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
     while !bufs.is_empty() {
         match w.write_vectored(bufs) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -1054,10 +1051,10 @@ fn do_read(conn: &Conn, req: Request) {
         Ok(()) => {
             if conn.structured {
                 let h = proto::encode_offset_data_header(req.cookie, req.offset, req.length, true);
-                conn.send(&[&h, &buf[..len]]);
+                conn.send(&mut [IoSlice::new(&h), IoSlice::new(&buf[..len])]);
             } else {
                 let h = proto::encode_simple_reply(0, req.cookie);
-                conn.send(&[&h, &buf[..len]]);
+                conn.send(&mut [IoSlice::new(&h), IoSlice::new(&buf[..len])]);
             }
         }
     }
