@@ -8,8 +8,11 @@
 //! → [`format::DiskException`]; `dm_exception_store_type` →
 //! [`store::ExceptionStore`]; `persistent_*` → `store::persistent`.
 
+pub mod copier;
 pub mod device;
+pub mod exception;
 pub mod format;
 pub mod io;
+pub mod snap;
 pub mod store;
 pub mod units;
