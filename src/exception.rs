@@ -35,7 +35,9 @@ impl Run {
         Run {
             w: [
                 old as u32,
-                ((old >> 32) as u32 & 0xff) | (((len - 1) as u32) << 8) | ((new as u32 & 0xffff) << 16),
+                ((old >> 32) as u32 & 0xff)
+                    | (((len - 1) as u32) << 8)
+                    | ((new as u32 & 0xffff) << 16),
                 (new >> 16) as u32,
             ],
         }
@@ -208,7 +210,8 @@ impl ExceptionTable {
         let next = block.get(pos).copied();
         let ext_prev =
             prev.filter(|r| r.end() == o && r.new_chunk() + r.len() == n && r.len() < MAX_RUN);
-        let ext_next = next.filter(|r| r.old() == o + 1 && r.new_chunk() == n + 1 && r.len() < MAX_RUN);
+        let ext_next =
+            next.filter(|r| r.old() == o + 1 && r.new_chunk() == n + 1 && r.len() < MAX_RUN);
         match (ext_prev, ext_next) {
             (Some(p), Some(x)) if p.len() + 1 + x.len() <= MAX_RUN => {
                 block[pos - 1] = Run::new(p.old(), p.new_chunk(), p.len() + 1 + x.len());

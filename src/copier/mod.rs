@@ -102,7 +102,13 @@ pub fn split_job(len: u64, sub: u64) -> Vec<(u64, u64)> {
 
 /// Run one sub-job synchronously: read `src` once (or use zeroes), write
 /// every destination.
-fn run_sub_job(src: Option<&Region>, dests: &[Region], off: u64, len: u64, buf: &mut Vec<u8>) -> CopyResult {
+fn run_sub_job(
+    src: Option<&Region>,
+    dests: &[Region],
+    off: u64,
+    len: u64,
+    buf: &mut Vec<u8>,
+) -> CopyResult {
     let mut res = CopyResult::new(dests.len());
     buf.clear();
     buf.resize(len as usize, 0);
@@ -195,7 +201,12 @@ impl Copier {
 
     /// `dm_kcopyd_copy`: copy `src` to every destination (each as long as
     /// `src`), then call `done`. Blocks while the in-flight bound is reached.
-    pub fn copy(&self, src: Region, dests: Vec<Region>, done: impl FnOnce(CopyResult) + Send + 'static) {
+    pub fn copy(
+        &self,
+        src: Region,
+        dests: Vec<Region>,
+        done: impl FnOnce(CopyResult) + Send + 'static,
+    ) {
         debug_assert!(dests.iter().all(|d| d.len == src.len));
         let len = src.len;
         self.submit(Some(src), dests, len, Box::new(done));
@@ -302,7 +313,10 @@ mod tests {
         assert_eq!(split_job(0, 512), vec![]);
         assert_eq!(split_job(100, 512), vec![(0, 100)]);
         assert_eq!(split_job(1024, 512), vec![(0, 512), (512, 512)]);
-        assert_eq!(split_job(1300, 512), vec![(0, 512), (512, 512), (1024, 276)]);
+        assert_eq!(
+            split_job(1300, 512),
+            vec![(0, 512), (512, 512), (1024, 276)]
+        );
         let big = split_job(10 * SUB_JOB_BYTES + 7, SUB_JOB_BYTES);
         assert_eq!(big.len(), 11);
         assert_eq!(big.iter().map(|s| s.1).sum::<u64>(), 10 * SUB_JOB_BYTES + 7);
@@ -311,14 +325,30 @@ mod tests {
     #[test]
     fn errors_are_aggregated_per_destination_without_threads() {
         let src = MemDev::from_vec((0..=255u8).cycle().take(4096).collect());
-        let src = Region { dev: Arc::new(src), offset: 0, len: 4096 };
+        let src = Region {
+            dev: Arc::new(src),
+            offset: 0,
+            len: 4096,
+        };
         let good: DevRef = Arc::new(MemDev::new(8192));
         let bad_dev = FaultyDev::new(MemDev::new(8192));
-        bad_dev.add(Fault::Range { kind: OpKind::Write, offset: 5000, len: 10 });
+        bad_dev.add(Fault::Range {
+            kind: OpKind::Write,
+            offset: 5000,
+            len: 10,
+        });
         let bad: DevRef = Arc::new(bad_dev);
         let dests = vec![
-            Region { dev: good.clone(), offset: 4096, len: 4096 },
-            Region { dev: bad.clone(), offset: 4096, len: 4096 },
+            Region {
+                dev: good.clone(),
+                offset: 4096,
+                len: 4096,
+            },
+            Region {
+                dev: bad.clone(),
+                offset: 4096,
+                len: 4096,
+            },
         ];
         let mut total = CopyResult::new(2);
         let mut buf = Vec::new();
@@ -336,7 +366,11 @@ mod tests {
         // A read error fails every destination.
         let rs = FaultyDev::new(MemDev::new(4096));
         rs.add(Fault::Always { kind: OpKind::Read });
-        let src2 = Region { dev: Arc::new(rs), offset: 0, len: 4096 };
+        let src2 = Region {
+            dev: Arc::new(rs),
+            offset: 0,
+            len: 4096,
+        };
         let r = run_sub_job(Some(&src2), &dests, 0, 4096, &mut buf);
         assert!(r.read_err.is_some() && !r.dest_ok(0) && !r.dest_ok(1));
     }
@@ -350,10 +384,22 @@ mod tests {
         let d2: Arc<MemDev> = Arc::new(MemDev::new(len));
         let c = Copier::new(4, 8);
         let r = c.copy_sync(
-            Region { dev: src, offset: 0, len },
+            Region {
+                dev: src,
+                offset: 0,
+                len,
+            },
             vec![
-                Region { dev: d1.clone(), offset: 512, len },
-                Region { dev: d2.clone(), offset: 0, len },
+                Region {
+                    dev: d1.clone(),
+                    offset: 512,
+                    len,
+                },
+                Region {
+                    dev: d2.clone(),
+                    offset: 0,
+                    len,
+                },
             ],
         );
         assert!(r.is_ok());
@@ -361,9 +407,14 @@ mod tests {
         assert_eq!(d2.snapshot(), data);
         let z = {
             let (tx, rx) = crossbeam_channel::bounded(1);
-            c.zero(vec![Region { dev: d2.clone(), offset: 4096, len: 8192 }], move |r| {
-                tx.send(r.is_ok()).unwrap()
-            });
+            c.zero(
+                vec![Region {
+                    dev: d2.clone(),
+                    offset: 4096,
+                    len: 8192,
+                }],
+                move |r| tx.send(r.is_ok()).unwrap(),
+            );
             rx.recv().unwrap()
         };
         assert!(z);
@@ -383,8 +434,16 @@ mod tests {
             let m = max_seen.clone();
             let tx = tx.clone();
             c.copy(
-                Region { dev: src.clone(), offset: i * 4096, len: 4096 },
-                vec![Region { dev: dst.clone(), offset: i * 4096, len: 4096 }],
+                Region {
+                    dev: src.clone(),
+                    offset: i * 4096,
+                    len: 4096,
+                },
+                vec![Region {
+                    dev: dst.clone(),
+                    offset: i * 4096,
+                    len: 4096,
+                }],
                 move |r| {
                     m.fetch_max(c2.in_flight() + 1, Ordering::Relaxed);
                     tx.send(r.is_ok()).unwrap();

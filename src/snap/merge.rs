@@ -128,7 +128,9 @@ impl Origin {
                 }
                 _ => {}
             }
-            if ctl.thread.as_ref().is_none_or(|t| t.is_finished()) && ctl.stop.load(Ordering::Acquire) {
+            if ctl.thread.as_ref().is_none_or(|t| t.is_finished())
+                && ctl.stop.load(Ordering::Acquire)
+            {
                 return Ok(());
             }
             self.merge_cond.wait(&mut ctl);
@@ -194,16 +196,22 @@ impl Origin {
                     return self.set_merge_result(None, true);
                 }
                 Ok(Some((o, nw, n))) => (o.0, nw.0, n),
-                Err(e) => return self.merge_fail(snap, format!("reading the exception store: {e}")),
+                Err(e) => {
+                    return self.merge_fail(snap, format!("reading the exception store: {e}"))
+                }
             };
             if n == 0 || n > old + 1 || n > new {
-                return self.merge_fail(snap, format!("bad merge run of {n} ending at {old}→{new}"));
+                return self
+                    .merge_fail(snap, format!("bad merge run of {n} ending at {old}→{new}"));
             }
             let first_old = old + 1 - n;
             let first_new = new + 1 - n;
             let off = cs.chunk_to_byte(Chunk(first_old));
             if off >= self.size() {
-                return self.merge_fail(snap, format!("exception for chunk {first_old} beyond the origin"));
+                return self.merge_fail(
+                    snap,
+                    format!("exception for chunk {first_old} beyond the origin"),
+                );
             }
             let len = (n * cs.bytes()).min(self.size() - off);
             // Exceptions on disk must be in memory too.
@@ -228,17 +236,35 @@ impl Origin {
                 // 2. Publish the range, wait for writes in flight to it.
                 let mut i = snap.inner.lock();
                 i.merging_range = Some((first_old, n));
-                while i.merge_writes.keys().any(|&c| c >= first_old && c < first_old + n) {
+                while i
+                    .merge_writes
+                    .keys()
+                    .any(|&c| c >= first_old && c < first_old + n)
+                {
                     snap.cond.wait(&mut i);
                 }
             }
             // 3. One copy for the whole run.
             let res = self.copier.copy_sync(
-                Region { dev: snap.cow.clone(), offset: cs.chunk_to_byte(Chunk(first_new)), len },
-                vec![Region { dev: self.dev.clone(), offset: off, len }],
+                Region {
+                    dev: snap.cow.clone(),
+                    offset: cs.chunk_to_byte(Chunk(first_new)),
+                    len,
+                },
+                vec![Region {
+                    dev: self.dev.clone(),
+                    offset: off,
+                    len,
+                }],
             );
             if !res.is_ok() {
-                return self.merge_fail(snap, format!("copying chunks {first_old}..={old} back: {:?}", res.read_err.or(res.write_errs.into_iter().flatten().next())));
+                return self.merge_fail(
+                    snap,
+                    format!(
+                        "copying chunks {first_old}..={old} back: {:?}",
+                        res.read_err.or(res.write_errs.into_iter().flatten().next())
+                    ),
+                );
             }
             // 4. Durable on the origin before the records go.
             if let Err(e) = self.dev.flush() {
@@ -260,13 +286,22 @@ impl Origin {
 
     /// A read of the origin while merging: chunks with an exception come
     /// from the COW, the rest from the origin (`snapshot_merge_map`).
-    pub(crate) fn merge_read(&self, snap: &Snapshot, buf: &mut [u8], offset: u64) -> Result<(), DevError> {
+    pub(crate) fn merge_read(
+        &self,
+        snap: &Snapshot,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<(), DevError> {
         let cs = snap.chunk_size();
         let mut segs: Vec<(bool, u64, usize, usize)> = Vec::new();
         {
             let i = snap.inner.lock();
             for (c, in_chunk, bo, n) in pieces(cs, offset, buf.len() as u64) {
-                let cow = if i.valid { i.table.lookup(Chunk(c)) } else { None };
+                let cow = if i.valid {
+                    i.table.lookup(Chunk(c))
+                } else {
+                    None
+                };
                 let (to_cow, dev_off) = match cow {
                     Some(new) => (true, cs.chunk_to_byte(new) + in_chunk),
                     None => (false, offset + bo as u64),
@@ -288,7 +323,13 @@ impl Origin {
     /// the COW (tracked; writes into the run being merged wait for its
     /// commit, then go to the origin); the rest go to the origin through the
     /// COW trigger of the other snapshots.
-    pub(crate) fn merge_write(&self, snap: &Snapshot, buf: &[u8], offset: u64, fua: bool) -> Result<(), DevError> {
+    pub(crate) fn merge_write(
+        &self,
+        snap: &Snapshot,
+        buf: &[u8],
+        offset: u64,
+        fua: bool,
+    ) -> Result<(), DevError> {
         let cs = snap.chunk_size();
         let ps = pieces(cs, offset, buf.len() as u64);
         let _g = self.gate.read();
@@ -313,7 +354,11 @@ impl Origin {
                 return Err(DevError::MergeFailed);
             }
             for &(c, in_chunk, bo, n) in &ps {
-                let cow = if i.valid { i.table.lookup(Chunk(c)) } else { None };
+                let cow = if i.valid {
+                    i.table.lookup(Chunk(c))
+                } else {
+                    None
+                };
                 match cow {
                     Some(new) => {
                         *i.merge_writes.entry(c).or_insert(0) += 1;
@@ -329,7 +374,10 @@ impl Origin {
         }
         let mut res: Result<(), DevError> = Ok(());
         for &(dev_off, bo, n) in &cow_segs {
-            if let Err(e) = snap.cow.write_at(&buf[bo..bo + n], dev_off, WriteFlags { fua }) {
+            if let Err(e) = snap
+                .cow
+                .write_at(&buf[bo..bo + n], dev_off, WriteFlags { fua })
+            {
                 res = Err(e.into());
                 break;
             }
@@ -352,7 +400,8 @@ impl Origin {
             let snaps = self.snapshots();
             for &(dev_off, bo, n) in &origin_segs {
                 self.trigger_and_wait(&snaps, dev_off, n as u64);
-                self.dev.write_at(&buf[bo..bo + n], dev_off, WriteFlags { fua })?;
+                self.dev
+                    .write_at(&buf[bo..bo + n], dev_off, WriteFlags { fua })?;
             }
         }
         Ok(())

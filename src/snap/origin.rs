@@ -102,7 +102,15 @@ impl Origin {
         }
         let mut table = ExceptionTable::new();
         table.bulk_load(recs);
-        let snap = Snapshot::new(name, store, st, table, self.dev.clone(), cow, self.copier.clone());
+        let snap = Snapshot::new(
+            name,
+            store,
+            st,
+            table,
+            self.dev.clone(),
+            cow,
+            self.copier.clone(),
+        );
         {
             let _g = self.gate.write();
             if self.merging.read().is_some() {
@@ -122,7 +130,9 @@ impl Origin {
     /// Unregister a snapshot (no more copies for it), wait for its pending
     /// exceptions, flush its COW. Its device then answers `Gone`.
     pub fn remove_snapshot(&self, name: &str) -> Result<Arc<Snapshot>, SnapError> {
-        let snap = self.snapshot(name).ok_or_else(|| SnapError::NotFound(name.to_string()))?;
+        let snap = self
+            .snapshot(name)
+            .ok_or_else(|| SnapError::NotFound(name.to_string()))?;
         let merging_this = self
             .merging
             .read()
@@ -145,9 +155,10 @@ impl Origin {
         }
         snap.inner.lock().gone = true;
         snap.wait_idle();
-        snap.cow
-            .flush()
-            .map_err(|source| SnapError::Io { what: "COW device", source })?;
+        snap.cow.flush().map_err(|source| SnapError::Io {
+            what: "COW device",
+            source,
+        })?;
         Ok(snap)
     }
 
@@ -161,13 +172,15 @@ impl Origin {
 
     /// Flush the origin and every COW.
     pub fn sync(&self) -> Result<(), SnapError> {
-        self.dev
-            .flush()
-            .map_err(|source| SnapError::Io { what: "origin device", source })?;
+        self.dev.flush().map_err(|source| SnapError::Io {
+            what: "origin device",
+            source,
+        })?;
         for s in self.snapshots() {
-            s.cow
-                .flush()
-                .map_err(|source| SnapError::Io { what: "COW device", source })?;
+            s.cow.flush().map_err(|source| SnapError::Io {
+                what: "COW device",
+                source,
+            })?;
         }
         Ok(())
     }
@@ -239,7 +252,9 @@ fn open_persistent(
         )?));
     }
     let _ = (cow, chunk_size, store);
-    Err(SnapError::BadCow("the persistent store is not built yet".into()))
+    Err(SnapError::BadCow(
+        "the persistent store is not built yet".into(),
+    ))
 }
 
 impl Device for Origin {

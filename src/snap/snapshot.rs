@@ -121,7 +121,8 @@ struct Seg {
 
 fn push_seg(segs: &mut Vec<Seg>, to_cow: bool, dev_off: u64, buf_off: usize, len: usize) {
     if let Some(l) = segs.last_mut() {
-        if l.to_cow == to_cow && l.dev_off + l.len as u64 == dev_off && l.buf_off + l.len == buf_off {
+        if l.to_cow == to_cow && l.dev_off + l.len as u64 == dev_off && l.buf_off + l.len == buf_off
+        {
             l.len += len;
             return;
         }
@@ -438,7 +439,11 @@ impl Snapshot {
         drop(i);
         let mut res = Ok(());
         for s in &segs {
-            let dev = if s.to_cow { &self.cow } else { &self.origin_dev };
+            let dev = if s.to_cow {
+                &self.cow
+            } else {
+                &self.origin_dev
+            };
             if let Err(e) = dev.read_at(&mut buf[s.buf_off..s.buf_off + s.len], s.dev_off) {
                 res = Err(DevError::Io(e));
                 break;
@@ -501,7 +506,11 @@ impl Snapshot {
                     // the origin read; its data is the copy.
                     Some(&pi) if !full => {
                         let (_, _, bo, n) = ps[pi];
-                        let ok = match self.cow.write_at(&buf[bo..bo + n], cs.chunk_to_byte(Chunk(it.new)), WriteFlags::NONE) {
+                        let ok = match self.cow.write_at(
+                            &buf[bo..bo + n],
+                            cs.chunk_to_byte(Chunk(it.new)),
+                            WriteFlags::NONE,
+                        ) {
                             Ok(()) => true,
                             Err(e) => {
                                 tracing::error!(snapshot = %self.name, error = %e, "COW write failed");
@@ -524,11 +533,13 @@ impl Snapshot {
             }
         }
         if full {
-            return Err(if self.store_type == StoreType::PersistentOverflow && self.inner.lock().valid {
-                DevError::Overflow
-            } else {
-                DevError::Invalid
-            });
+            return Err(
+                if self.store_type == StoreType::PersistentOverflow && self.inner.lock().valid {
+                    DevError::Overflow
+                } else {
+                    DevError::Invalid
+                },
+            );
         }
         let mut segs = Vec::new();
         {
@@ -543,8 +554,11 @@ impl Snapshot {
             }
         }
         for s in &segs {
-            self.cow
-                .write_at(&buf[s.buf_off..s.buf_off + s.len], s.dev_off, WriteFlags { fua })?;
+            self.cow.write_at(
+                &buf[s.buf_off..s.buf_off + s.len],
+                s.dev_off,
+                WriteFlags { fua },
+            )?;
         }
         if fua && !direct_done.is_empty() && !self.store_type.is_persistent() {
             self.cow.flush()?;
