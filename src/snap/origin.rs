@@ -243,18 +243,11 @@ fn open_persistent(
     chunk_size: Option<ChunkSize>,
     store: StoreType,
 ) -> Result<Box<dyn ExceptionStore>, SnapError> {
-    #[cfg(any())]
-    {
-        return Ok(Box::new(crate::store::persistent::PersistentStore::open(
-            cow,
-            chunk_size,
-            store == StoreType::PersistentOverflow,
-        )?));
-    }
-    let _ = (cow, chunk_size, store);
-    Err(SnapError::BadCow(
-        "the persistent store is not built yet".into(),
-    ))
+    Ok(Box::new(crate::store::PersistentStore::open(
+        cow,
+        chunk_size,
+        store == StoreType::PersistentOverflow,
+    )?))
 }
 
 impl Device for Origin {
