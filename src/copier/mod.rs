@@ -296,8 +296,14 @@ fn worker(rx: Receiver<SubJob>, th: Arc<Throttle>) {
 impl Drop for Copier {
     fn drop(&mut self) {
         self.tx.take();
+        // The last reference may go away inside a completion callback, on a
+        // worker: that worker cannot join itself; it exits on its own once
+        // the callback returns and the channel is empty.
+        let me = std::thread::current().id();
         for w in self.workers.drain(..) {
-            let _ = w.join();
+            if w.thread().id() != me {
+                let _ = w.join();
+            }
         }
     }
 }
