@@ -9,6 +9,7 @@
 //! [`store::ExceptionStore`]; `persistent_*` → `store::persistent`.
 
 pub mod device;
+pub mod export;
 pub mod format;
 pub mod io;
 pub mod store;

@@ -1,0 +1,2 @@
+#[cfg(feature = "fuse")]
+pub mod fuse;
