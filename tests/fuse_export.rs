@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -123,6 +123,9 @@ struct Counting {
     discards: AtomicUsize,
     zeroes: AtomicUsize,
     flushes: AtomicUsize,
+    max_read: AtomicUsize,
+    max_write: AtomicUsize,
+    fua_writes: AtomicUsize,
 }
 
 impl Counting {
@@ -132,6 +135,9 @@ impl Counting {
             discards: AtomicUsize::new(0),
             zeroes: AtomicUsize::new(0),
             flushes: AtomicUsize::new(0),
+            max_read: AtomicUsize::new(0),
+            max_write: AtomicUsize::new(0),
+            fua_writes: AtomicUsize::new(0),
         }
     }
 }
@@ -141,9 +147,14 @@ impl Device for Counting {
         self.inner.size()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DevError> {
+        self.max_read.fetch_max(buf.len(), Ordering::SeqCst);
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<(), DevError> {
+        self.max_write.fetch_max(buf.len(), Ordering::SeqCst);
+        if fua {
+            self.fua_writes.fetch_add(1, Ordering::SeqCst);
+        }
         self.inner.write_at(buf, offset, fua)
     }
     fn flush(&self) -> Result<(), DevError> {
@@ -219,6 +230,40 @@ fn fallocate_and_fsync_reach_discard_write_zeroes_and_flush() {
     let before = dev.flushes.load(Ordering::SeqCst);
     f.sync_all().unwrap();
     assert!(dev.flushes.load(Ordering::SeqCst) > before, "fsync → flush");
+    let before = dev.flushes.load(Ordering::SeqCst);
+    drop(f);
+    assert!(dev.flushes.load(Ordering::SeqCst) > before, "close → flush");
+
+    // O_DSYNC writes are FUA writes; plain ones are not.
+    assert_eq!(dev.fua_writes.load(Ordering::SeqCst), 0);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DSYNC)
+        .open(m.dir().join("origin"))
+        .unwrap();
+    f.write_all_at(&[1; 4096], 0).unwrap();
+    assert_eq!(dev.fua_writes.load(Ordering::SeqCst), 1);
+    drop(f);
+    m.unmount().unwrap();
+}
+
+#[test]
+fn large_requests_arrive_in_one_mib_pieces() {
+    let dev = Arc::new(Counting::new(8 * MIB));
+    let exports = StaticExports::new().with("origin", dev.clone());
+    let (_tmp, m) = mount_dir(Arc::new(exports), FuseOptions::default());
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.dir().join("origin"))
+        .unwrap();
+    let data: Vec<u8> = (0..4 * MIB).map(|i| (i % 251) as u8).collect();
+    f.write_all_at(&data, MIB).unwrap();
+    let mut back = vec![0u8; data.len()];
+    f.read_exact_at(&mut back, MIB).unwrap();
+    assert!(back == data);
+    assert_eq!(dev.max_write.load(Ordering::SeqCst) as u64, MIB);
+    assert_eq!(dev.max_read.load(Ordering::SeqCst) as u64, MIB);
     drop(f);
     m.unmount().unwrap();
 }
@@ -498,18 +543,47 @@ fn mount_shows_fsname_and_unmount_removes_it() {
         Arc::new(StaticExports::new().with("origin", mem_export(MIB)));
     let (_tmp, m) = mount_dir(exports, FuseOptions::default());
     let dir: PathBuf = m.dir().to_path_buf();
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let line = info
-        .lines()
-        .find(|l| l.split(' ').nth(4) == Some(&*dir.to_string_lossy()))
-        .expect("mount listed");
+    let line = mountinfo_line(&dir);
     let mut fs = line.split(" - ").nth(1).unwrap().split(' ');
     assert!(fs.next().unwrap().starts_with("fuse"), "{line}");
     assert_eq!(fs.next(), Some("dmsnap"), "{line}");
+    let super_opts = fs.next().unwrap();
+    assert!(super_opts.contains("default_permissions"), "{line}");
+    assert!(!super_opts.contains("allow_other"), "{line}");
     let st = nix_statfs(&dir);
     assert_eq!(st, MIB / 4096);
     drop(m); // unmount on drop
     assert!(!is_mounted(&dir));
+}
+
+fn mountinfo_line(dir: &Path) -> String {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .find(|l| l.split(' ').nth(4) == Some(&*dir.to_string_lossy()))
+        .expect("mount listed")
+        .to_string()
+}
+
+#[test]
+fn allow_other_is_passed_when_asked() {
+    let exports: Arc<dyn ExportSet> =
+        Arc::new(StaticExports::new().with("origin", mem_export(MIB)));
+    let opts = FuseOptions {
+        allow_other: true,
+        ..FuseOptions::default()
+    };
+    let (_tmp, m) = mount_dir(exports, opts);
+    let line = mountinfo_line(m.dir());
+    assert!(line.contains("allow_other"), "{line}");
+    m.unmount().unwrap();
+}
+
+/// The lead's daemon keeps the mount in shared state.
+#[allow(dead_code)]
+fn fuse_mount_is_send_and_sync()
+where
+    FuseMount: Send + Sync,
+{
 }
 
 fn nix_statfs(dir: &Path) -> u64 {
@@ -545,6 +619,16 @@ fn unmount_with_a_loop_device_attached_is_lazy_and_clean() {
 #[ignore = "benchmark helper (slow, needs root): run with --ignored --nocapture"]
 fn bench_fs_report() {
     let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
-    let report = bench::bench_fs(&bench::FsBenchOptions::new(tmp.path())).unwrap();
-    println!("{report}");
+    let mut opts = bench::FsBenchOptions::new(tmp.path());
+    if let Ok(t) = std::env::var("DMSNAP_BENCH_THREADS") {
+        opts.threads = t.parse().unwrap();
+    }
+    for direct_backing in [true, false] {
+        opts.direct_backing = direct_backing;
+        let report = bench::bench_fs(&opts).unwrap();
+        println!(
+            "FUSE backing file O_DIRECT={direct_backing}, {} threads:\n{report}",
+            opts.threads
+        );
+    }
 }

@@ -140,7 +140,7 @@ pub fn mount(
     dir: &Path,
     opts: FuseOptions,
 ) -> Result<FuseMount, FuseError> {
-    check_available()?;
+    check_available(Path::new(DEV_FUSE))?;
     let dir = check_mountpoint(dir)?;
 
     let mut config = Config::default();
@@ -278,8 +278,8 @@ fn is_root() -> bool {
 }
 
 /// FUSE needs /dev/fuse, and unprivileged mounts need fusermount3.
-fn check_available() -> Result<(), FuseError> {
-    let meta = std::fs::metadata(DEV_FUSE).map_err(|e| FuseError::Unavailable {
+fn check_available(dev_fuse: &Path) -> Result<(), FuseError> {
+    let meta = std::fs::metadata(dev_fuse).map_err(|e| FuseError::Unavailable {
         reason: "/dev/fuse is missing (load the fuse module: modprobe fuse)",
         source: Some(e),
     })?;
@@ -292,7 +292,7 @@ fn check_available() -> Result<(), FuseError> {
     if let Err(e) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(DEV_FUSE)
+        .open(dev_fuse)
     {
         return Err(FuseError::Unavailable {
             reason: "/dev/fuse cannot be opened for reading and writing",
@@ -969,6 +969,21 @@ mod tests {
             Err(Errno::EOPNOTSUPP)
         );
         assert_eq!(fs.do_fallocate(fh, u64::MAX, 2, punch), Err(Errno::EFBIG));
+    }
+
+    #[test]
+    fn missing_fuse_is_reported_as_unavailable() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = check_available(&dir.path().join("fuse")).unwrap_err();
+        assert!(matches!(e, FuseError::Unavailable { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "FUSE is unavailable: /dev/fuse is missing (load the fuse module: modprobe fuse)"
+        );
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        let e = check_available(&file).unwrap_err();
+        assert!(e.to_string().contains("not a character device"), "{e}");
     }
 
     #[test]

@@ -172,6 +172,11 @@ pub struct FsBenchOptions {
     pub file_size: u64,
     /// Runs per configuration; the median is reported.
     pub runs: usize,
+    /// Open the FUSE side's backing file with O_DIRECT (as the plain loop
+    /// device with direct I/O does), so both paths skip the page cache.
+    pub direct_backing: bool,
+    /// FUSE request threads.
+    pub threads: usize,
 }
 
 impl FsBenchOptions {
@@ -182,6 +187,8 @@ impl FsBenchOptions {
             device_size: 512 << 20,
             file_size: 256 << 20,
             runs: 3,
+            direct_backing: true,
+            threads: FuseOptions::default().threads,
         }
     }
 }
