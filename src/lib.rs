@@ -14,6 +14,7 @@ pub mod exception;
 pub mod export;
 pub mod format;
 pub mod io;
+pub mod pool;
 pub mod report;
 pub mod snap;
 pub mod store;

@@ -28,7 +28,12 @@ fn dumped_exceptions(cow: &Path) -> (bool, Vec<(u64, u64)>) {
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| (e["old_chunk"].as_u64().unwrap(), e["new_chunk"].as_u64().unwrap()))
+        .map(|e| {
+            (
+                e["old_chunk"].as_u64().unwrap(),
+                e["new_chunk"].as_u64().unwrap(),
+            )
+        })
         .collect();
     (v["valid"].as_bool().unwrap(), ex)
 }
@@ -46,7 +51,9 @@ fn status_of(pool: &Path, name: &str) -> String {
 }
 
 fn kernel_status(line: &str) -> String {
-    line.split_once(" snapshot ").map(|(_, s)| s.to_string()).unwrap_or_else(|| line.to_string())
+    line.split_once(" snapshot ")
+        .map(|(_, s)| s.to_string())
+        .unwrap_or_else(|| line.to_string())
 }
 
 struct Replay {
@@ -62,7 +69,12 @@ impl Replay {
         let origin = pool.path().join("kernel-origin.img");
         unpack(case, "origin_at_snapshot.img", &origin);
         let p = pool.path().join("pool");
-        ok(&["create", p.to_str().unwrap(), "--origin", origin.to_str().unwrap()]);
+        ok(&[
+            "create",
+            p.to_str().unwrap(),
+            "--origin",
+            origin.to_str().unwrap(),
+        ]);
         ok(&[
             "snapshot",
             "create",
@@ -128,13 +140,25 @@ fn replay_one_snapshot(case: &str) {
     let (cow_size, chunk) = case_sizes(&c, "cow.img");
     let mut r = Replay::new(case, "snap", cow_size, chunk);
     for op in c["ops"].as_array().unwrap() {
-        let target = if op["target"] == "origin" { "origin" } else { "snap" };
+        let target = if op["target"] == "origin" {
+            "origin"
+        } else {
+            "snap"
+        };
         let err = r.apply(op, target);
         assert_eq!(err, 0, "write {op} failed with NBD error {err}");
     }
     assert_eq!(r.client("origin").flush().unwrap(), 0);
-    assert_eq!(r.hash("origin"), c["expected_sha256"]["origin"].as_str().unwrap(), "origin");
-    assert_eq!(r.hash("snap"), c["expected_sha256"]["snapshot"].as_str().unwrap(), "snapshot");
+    assert_eq!(
+        r.hash("origin"),
+        c["expected_sha256"]["origin"].as_str().unwrap(),
+        "origin"
+    );
+    assert_eq!(
+        r.hash("snap"),
+        c["expected_sha256"]["snapshot"].as_str().unwrap(),
+        "snapshot"
+    );
     let dir = r.dir();
     assert_eq!(
         status_of(&dir, "snap"),
@@ -145,7 +169,11 @@ fn replay_one_snapshot(case: &str) {
     let cow = dir.join("snap.cow");
     let (valid, ex) = dumped_exceptions(&cow);
     assert!(valid);
-    assert_eq!(ex, kernel_exceptions(case, "cow.exceptions.txt"), "exceptions in on-disk order");
+    assert_eq!(
+        ex,
+        kernel_exceptions(case, "cow.exceptions.txt"),
+        "exceptions in on-disk order"
+    );
     assert!(
         same_bytes(case, "cow.img", &cow, r.pool.path()),
         "the COW is not byte-identical to the kernel's"
@@ -172,13 +200,24 @@ fn overflow_invalidates_the_snapshot_but_not_the_origin() {
     for (i, op) in c["ops"].as_array().unwrap().iter().enumerate() {
         assert_eq!(r.apply(op, "origin"), 0, "origin writes never fail");
         if let Some(k) = statuses[format!("after_origin_write_chunk{i}_status")].as_str() {
-            assert_eq!(status_of(&r.dir(), "snap"), kernel_status(k), "after write {i}");
+            assert_eq!(
+                status_of(&r.dir(), "snap"),
+                kernel_status(k),
+                "after write {i}"
+            );
         }
     }
-    assert_eq!(r.hash("origin"), c["expected_sha256"]["origin"].as_str().unwrap());
+    assert_eq!(
+        r.hash("origin"),
+        c["expected_sha256"]["origin"].as_str().unwrap()
+    );
     // An invalid snapshot fails its I/O (EIO = 5).
     let e = r.client("snap").read(0, 4096).unwrap();
-    assert_eq!(e.err(), Some(5), "reads of an invalid snapshot fail with EIO");
+    assert_eq!(
+        e.err(),
+        Some(5),
+        "reads of an invalid snapshot fail with EIO"
+    );
     assert_eq!(status_of(&r.dir(), "snap"), "Invalid");
     r.stop();
     let cow = r.dir().join("snap.cow");
@@ -187,7 +226,10 @@ fn overflow_invalidates_the_snapshot_but_not_the_origin() {
     assert_eq!(ex, kernel_exceptions(case, "cow.exceptions.txt"));
     // Reactivated: still Invalid.
     assert_eq!(status_of(&r.dir(), "snap"), "Invalid");
-    assert!(same_bytes(case, "cow.img", &cow, r.pool.path()), "COW differs from the kernel's");
+    assert!(
+        same_bytes(case, "cow.img", &cow, r.pool.path()),
+        "COW differs from the kernel's"
+    );
 }
 
 #[test]
@@ -212,7 +254,9 @@ fn two_snapshots_one_taken_online_match_the_kernel() {
             ]);
             assert_eq!(
                 r.hash("snapb"),
-                c["images"]["origin_at_snapb.img"]["sha256"].as_str().unwrap(),
+                c["images"]["origin_at_snapb.img"]["sha256"]
+                    .as_str()
+                    .unwrap(),
                 "snapb shows the origin as it was when it was taken"
             );
         }
@@ -224,11 +268,23 @@ fn two_snapshots_one_taken_online_match_the_kernel() {
     assert_eq!(r.hash("snapa"), e["snapshot_a"].as_str().unwrap());
     assert_eq!(r.hash("snapb"), e["snapshot_b"].as_str().unwrap());
     let dir = r.dir();
-    assert_eq!(status_of(&dir, "snapa"), kernel_status(c["info"]["final_a_status"].as_str().unwrap()));
-    assert_eq!(status_of(&dir, "snapb"), kernel_status(c["info"]["final_b_status"].as_str().unwrap()));
+    assert_eq!(
+        status_of(&dir, "snapa"),
+        kernel_status(c["info"]["final_a_status"].as_str().unwrap())
+    );
+    assert_eq!(
+        status_of(&dir, "snapb"),
+        kernel_status(c["info"]["final_b_status"].as_str().unwrap())
+    );
     r.stop();
-    assert_eq!(dumped_exceptions(&dir.join("snapa.cow")).1, kernel_exceptions(case, "cowa.exceptions.txt"));
-    assert_eq!(dumped_exceptions(&dir.join("snapb.cow")).1, kernel_exceptions(case, "cowb.exceptions.txt"));
+    assert_eq!(
+        dumped_exceptions(&dir.join("snapa.cow")).1,
+        kernel_exceptions(case, "cowa.exceptions.txt")
+    );
+    assert_eq!(
+        dumped_exceptions(&dir.join("snapb.cow")).1,
+        kernel_exceptions(case, "cowb.exceptions.txt")
+    );
 }
 
 fn merge_pool(scratch: &Path) -> std::path::PathBuf {
@@ -238,9 +294,21 @@ fn merge_pool(scratch: &Path) -> std::path::PathBuf {
     unpack(case, "origin_pre_merge.img", &origin);
     unpack(case, "cow_pre_merge.img", &cow);
     let p = scratch.join("pool");
-    ok(&["create", p.to_str().unwrap(), "--origin", origin.to_str().unwrap()]);
+    ok(&[
+        "create",
+        p.to_str().unwrap(),
+        "--origin",
+        origin.to_str().unwrap(),
+    ]);
     // Adopt the kernel's COW as it is.
-    ok(&["snapshot", "create", p.to_str().unwrap(), "snap", "--cow", cow.to_str().unwrap()]);
+    ok(&[
+        "snapshot",
+        "create",
+        p.to_str().unwrap(),
+        "snap",
+        "--cow",
+        cow.to_str().unwrap(),
+    ]);
     p
 }
 
@@ -256,7 +324,12 @@ fn kernel_cow_adopted_and_merged_offline_gives_the_kernels_origin() {
     );
     ok(&["merge", p.to_str().unwrap(), "snap"]);
     let origin = std::fs::read(t.path().join("origin.img")).unwrap();
-    assert_eq!(sha256_hex(&origin), c["images"]["origin_post_merge.img"]["sha256"].as_str().unwrap());
+    assert_eq!(
+        sha256_hex(&origin),
+        c["images"]["origin_post_merge.img"]["sha256"]
+            .as_str()
+            .unwrap()
+    );
     // The snapshot left the pool; its adopted COW stays, empty.
     let out = ok(&["snapshot", "list", "--json", p.to_str().unwrap()]);
     assert_eq!(out.trim(), "[]");
@@ -276,7 +349,9 @@ fn kernel_cow_merged_online_reads_as_the_snapshot_at_once() {
     let p = merge_pool(t.path());
     let d = Daemon::start(&p, &[]);
     ok(&["merge", p.to_str().unwrap(), "snap"]);
-    let want = c["images"]["origin_post_merge.img"]["sha256"].as_str().unwrap();
+    let want = c["images"]["origin_post_merge.img"]["sha256"]
+        .as_str()
+        .unwrap();
     // From the moment merge returns, the origin reads as the snapshot.
     let mut cl = NbdClient::connect(&d.socket(), "origin").unwrap();
     assert_eq!(sha256_hex(&cl.read_all().unwrap()), want);
@@ -291,5 +366,8 @@ fn kernel_cow_merged_online_reads_as_the_snapshot_at_once() {
     assert!(d.stop().success());
     let origin = std::fs::read(t.path().join("origin.img")).unwrap();
     assert_eq!(sha256_hex(&origin), want);
-    assert_eq!(ok(&["snapshot", "list", "--json", p.to_str().unwrap()]).trim(), "[]");
+    assert_eq!(
+        ok(&["snapshot", "list", "--json", p.to_str().unwrap()]).trim(),
+        "[]"
+    );
 }

@@ -14,6 +14,7 @@
 //! cause chain (`{:#}`). Data goes to stdout; a closed stdout pipe
 //! (`dmsnap dump COW | head`) ends the command quietly with exit 0.
 
+mod pool;
 mod tools;
 
 use clap::{Parser, Subcommand};
@@ -32,6 +33,17 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Create a pool: a directory with its manifest POOL/pool.json and an origin.
+    Create(pool::CreateArgs),
+    /// Create, list and remove snapshots of the pool's origin.
+    #[command(subcommand)]
+    Snapshot(pool::SnapshotCmd),
+    /// Show the origin and each snapshot's usage, as `dmsetup status` prints it.
+    Status(pool::StatusArgs),
+    /// Serve the pool's devices over NBD (and FUSE) until SIGINT/SIGTERM.
+    Serve(pool::ServeArgs),
+    /// Roll the origin back to a snapshot (the kernel's snapshot-merge).
+    Merge(pool::MergeArgs),
     /// Print a COW device's header and every exception record in on-disk order.
     Dump(tools::DumpArgs),
     /// Check a COW device and report every problem with its location.
@@ -84,7 +96,13 @@ pub type CmdResult = Result<Exit, Failure>;
 
 impl Command {
     pub fn run(self) -> CmdResult {
+        let failed = |r: anyhow::Result<()>| r.map(|()| Exit::Ok).map_err(Failure::failed);
         match self {
+            Command::Create(a) => failed(pool::create(a)),
+            Command::Snapshot(c) => failed(pool::snapshot(c)),
+            Command::Status(a) => failed(pool::status(a)),
+            Command::Serve(a) => failed(pool::serve(a)),
+            Command::Merge(a) => failed(pool::merge(a)),
             Command::Dump(a) => tools::dump(a),
             Command::Check(a) => tools::check(a),
             Command::Restore(a) => tools::restore(a),

@@ -367,7 +367,12 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         let bound = server
             .listen(l)
             .with_context(|| format!("cannot listen on {l:?}"))?;
-        eprintln!("serving NBD on {}", bound);
+        match bound.local_addr() {
+            dmsnap::export::nbd::BoundAddr::Unix(p) => {
+                eprintln!("serving NBD on unix:{}", p.display())
+            }
+            dmsnap::export::nbd::BoundAddr::Tcp(a) => eprintln!("serving NBD on tcp:{a}"),
+        }
     }
     #[cfg(feature = "fuse")]
     let fuse = match &a.fuse {

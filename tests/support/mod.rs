@@ -71,7 +71,11 @@ pub fn pattern(letter: char, offset: u64, len: usize) -> Vec<u8> {
         let mut sector = unit.repeat(47).into_bytes();
         sector.truncate(511);
         sector.push(b'\n');
-        let lo = if s == first { (offset % 512) as usize } else { 0 };
+        let lo = if s == first {
+            (offset % 512) as usize
+        } else {
+            0
+        };
         let hi = ((offset + len as u64) - s * 512).min(512) as usize;
         out.extend_from_slice(&sector[lo..hi]);
     }

@@ -61,7 +61,10 @@ impl NbdClient {
             if typ & 0x8000_0000 != 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::NotFound,
-                    format!("NBD_OPT_GO refused: {typ:#x} {}", String::from_utf8_lossy(&payload)),
+                    format!(
+                        "NBD_OPT_GO refused: {typ:#x} {}",
+                        String::from_utf8_lossy(&payload)
+                    ),
                 ));
             }
             if typ == 3 && payload.len() >= 12 && payload[..2] == [0, 0] {
@@ -72,10 +75,22 @@ impl NbdClient {
                 break;
             }
         }
-        Ok(NbdClient { s, size, flags, cookie: 1 })
+        Ok(NbdClient {
+            s,
+            size,
+            flags,
+            cookie: 1,
+        })
     }
 
-    fn request(&mut self, typ: u16, flags: u16, offset: u64, len: u32, payload: &[u8]) -> io::Result<u32> {
+    fn request(
+        &mut self,
+        typ: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> io::Result<u32> {
         self.cookie += 1;
         let mut h = Vec::with_capacity(28 + payload.len());
         h.extend_from_slice(&0x25609513u32.to_be_bytes());
@@ -119,7 +134,9 @@ impl NbdClient {
         let mut off = 0;
         while off < self.size {
             let n = (self.size - off).min(1 << 20) as u32;
-            let b = self.read(off, n)?.map_err(|e| io::Error::other(format!("NBD read error {e}")))?;
+            let b = self
+                .read(off, n)?
+                .map_err(|e| io::Error::other(format!("NBD read error {e}")))?;
             out.extend_from_slice(&b);
             off += n as u64;
         }
