@@ -499,6 +499,7 @@ fn fio(f: &Fixture, extra: &[&str]) -> Output {
             "--verify=crc32c",
             "--randrepeat=1",
             "--exitall_on_error=1",
+            "--verify_state_save=0",
         ])
         .arg(format!("--uri={}", f.uri("origin")))
         .args(extra))
@@ -537,6 +538,7 @@ fn fio_randwrite_then_verify() {
                 "--verify=crc32c",
                 "--randrepeat=1",
                 "--verify_only",
+                "--verify_state_save=0",
             ])
             .arg(format!("--uri={}", f.uri("origin"))),
     );

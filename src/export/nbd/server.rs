@@ -72,6 +72,42 @@ pub enum Listen {
     Tcp(String),
 }
 
+/// `unix:PATH` or `tcp:HOST:PORT`, as `serve --listen` takes them.
+impl std::str::FromStr for Listen {
+    type Err = ListenParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err(ListenParseError(s.to_string()));
+            }
+            Ok(Listen::Unix(PathBuf::from(p)))
+        } else if let Some(hp) = s.strip_prefix("tcp:") {
+            match hp.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                    Ok(Listen::Tcp(hp.to_string()))
+                }
+                _ => Err(ListenParseError(s.to_string())),
+            }
+        } else {
+            Err(ListenParseError(s.to_string()))
+        }
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+            Listen::Tcp(hp) => write!(f, "tcp:{hp}"),
+        }
+    }
+}
+
+/// A `--listen` value that is neither `unix:PATH` nor `tcp:HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid listen address {0:?}: expected unix:PATH or tcp:HOST:PORT")]
+pub struct ListenParseError(pub String);
+
 /// The address a listener is bound to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BoundAddr {
@@ -1059,4 +1095,35 @@ fn do_read(conn: &Conn, req: Request) {
         }
     }
     conn.give_buffer(buf);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_parses_unix_and_tcp() {
+        assert_eq!(
+            "unix:/run/x.sock".parse(),
+            Ok(Listen::Unix("/run/x.sock".into()))
+        );
+        assert_eq!(
+            "tcp:127.0.0.1:10809".parse(),
+            Ok(Listen::Tcp("127.0.0.1:10809".into()))
+        );
+        assert_eq!("tcp:[::1]:0".parse(), Ok(Listen::Tcp("[::1]:0".into())));
+        for bad in [
+            "",
+            "unix:",
+            "tcp:",
+            "tcp:host",
+            "tcp::80",
+            "tcp:h:99999",
+            "udp:x:1",
+        ] {
+            assert!(bad.parse::<Listen>().is_err(), "{bad}");
+        }
+        let l = Listen::Tcp("localhost:1".into());
+        assert_eq!(l.to_string().parse(), Ok(l));
+    }
 }
