@@ -576,3 +576,66 @@ fn shutdown_finishes_and_closes_connections() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// nbdfuse exposes the export as a file; mkfs.ext4, debugfs and e2fsck then
+/// build and check a filesystem on it: every block goes through our server.
+#[test]
+fn ext4_through_nbdfuse() {
+    let f = Fixture::new();
+    let dev = Counting::new(64 * MIB, false);
+    f.exports.add("origin", dev.clone());
+    let mnt = f.path("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let pidfile = f.path("nbdfuse.pid");
+    let mut fuse = Command::new("nbdfuse")
+        .arg("-P")
+        .arg(&pidfile)
+        .arg(mnt.join("disk"))
+        .arg(f.uri("origin"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nbdfuse (package libnbd-bin) is needed");
+    let t0 = Instant::now();
+    while !pidfile.exists() {
+        if let Some(st) = fuse.try_wait().unwrap() {
+            let out = fuse.wait_with_output().unwrap();
+            panic!(
+                "nbdfuse exited with {st}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "nbdfuse did not mount"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let disk = mnt.join("disk");
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&disk));
+        let content = f.path("hello.txt");
+        std::fs::write(&content, b"hello through nbd\n".repeat(1000)).unwrap();
+        run(Command::new("debugfs")
+            .arg("-w")
+            .arg("-R")
+            .arg(format!("write {} hello.txt", content.display()))
+            .arg(&disk));
+        run(Command::new("e2fsck").args(["-f", "-n"]).arg(&disk));
+        let out = run(Command::new("debugfs")
+            .arg("-R")
+            .arg("cat hello.txt")
+            .arg(&disk));
+        assert!(out.stdout == b"hello through nbd\n".repeat(1000));
+    }));
+    run(Command::new("fusermount3").arg("-u").arg(&mnt));
+    let _ = fuse.wait();
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+    // The filesystem is in the device itself: check it there too.
+    let img = f.path("img");
+    std::fs::write(&img, dev.content()).unwrap();
+    run(Command::new("e2fsck").args(["-f", "-n"]).arg(&img));
+}

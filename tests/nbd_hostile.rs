@@ -764,6 +764,27 @@ fn handshake_timeout_frees_the_slot() {
     let mut g = [0u8; 18];
     idle.s.read_exact(&mut g).unwrap();
     assert!(idle.closed(), "idle client kept its connection");
+    // A client that sends options but never reads the replies is cut off
+    // once the server's writes stall.
+    let mut deaf = Raw::fixed(&f);
+    deaf.s
+        .set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let list = proto::encode_option_header(proto::OptionHeader {
+        option: opt::LIST,
+        length: 0,
+    });
+    let many: Vec<u8> = list.iter().copied().cycle().take(16 * 50_000).collect();
+    let _ = deaf.s.write_all(&many);
+    let t0 = Instant::now();
+    while f.server.connections() > 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "deaf client kept its slot"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(deaf);
     // In transmission there is no timeout: an idle client keeps its slot.
     let mut c = Raw::go(&f, "origin");
     std::thread::sleep(Duration::from_millis(400));

@@ -309,6 +309,12 @@ impl Stream {
             Stream::Tcp(s) => s.set_read_timeout(t),
         }
     }
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Tcp(s) => s.set_write_timeout(t),
+        }
+    }
     fn fd(&self) -> RawFd {
         match self {
             Stream::Unix(s) => s.as_raw_fd(),
@@ -587,13 +593,17 @@ fn resolve(sh: &Shared, name: &str) -> Option<Export> {
 
 fn serve_connection(sh: &Arc<Shared>, stream: Stream) -> Result<(), ConnError> {
     set_socket_buffers(stream.fd());
+    // A client that neither talks nor listens must not hold a slot forever
+    // during the handshake (in transmission, idle clients are normal).
     stream.set_read_timeout(Some(sh.opts.handshake_timeout))?;
+    stream.set_write_timeout(Some(sh.opts.handshake_timeout))?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::with_capacity(256 << 10, stream);
     let Some((export, structured)) = handshake(sh, &mut reader, &mut writer)? else {
         return Ok(());
     };
     reader.get_ref().set_read_timeout(None)?;
+    reader.get_ref().set_write_timeout(None)?;
     tracing::debug!("nbd: serving {:?}", export.name);
     transmission(sh, reader, writer, export, structured)
 }
