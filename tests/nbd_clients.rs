@@ -290,11 +290,35 @@ fn exports_added_and_removed_while_serving() {
         })
     };
     assert_eq!(size("later"), None);
+    assert_eq!(size(""), None, "no default export unless configured");
     f.exports.add("later", Counting::new(2 * MIB, false));
     assert_eq!(size("later"), Some(2 * MIB));
     f.exports.remove("later");
     assert_eq!(size("later"), None);
     assert_eq!(size("origin"), Some(MIB));
+}
+
+#[test]
+fn default_export_for_the_empty_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let exports = Arc::new(DynExports::default());
+    exports.add("origin", Counting::new(3 * MIB, false));
+    let server = NbdServer::new(
+        exports,
+        ServerOptions {
+            default_export: Some("origin".into()),
+            ..ServerOptions::default()
+        },
+    );
+    server.listen(&Listen::Unix(sock.clone())).unwrap();
+    let out = run(Command::new("nbdinfo")
+        .arg("--size")
+        .arg(format!("nbd+unix:///?socket={}", sock.display())));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        (3 * MIB).to_string()
+    );
 }
 
 #[test]

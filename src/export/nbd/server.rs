@@ -48,6 +48,9 @@ pub struct ServerOptions {
     /// On [`NbdServer::shutdown`], how long connections get to finish their
     /// requests before their sockets are cut.
     pub shutdown_grace: Duration,
+    /// The export served to clients asking for the empty name (the spec's
+    /// "default export", what `nbd+unix:///?socket=...` asks for).
+    pub default_export: Option<String>,
 }
 
 impl Default for ServerOptions {
@@ -59,6 +62,7 @@ impl Default for ServerOptions {
             max_in_flight_bytes: 64 << 20,
             handshake_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
+            default_export: None,
         }
     }
 }
@@ -582,6 +586,10 @@ impl Export {
 }
 
 fn resolve(sh: &Shared, name: &str) -> Option<Export> {
+    let name = match (name, &sh.opts.default_export) {
+        ("", Some(default)) => default.as_str(),
+        _ => name,
+    };
     let dev = sh.exports.get(name)?;
     let read_only = dev.read_only() || (sh.opts.read_only)(name);
     Some(Export {
