@@ -290,11 +290,35 @@ fn exports_added_and_removed_while_serving() {
         })
     };
     assert_eq!(size("later"), None);
+    assert_eq!(size(""), None, "no default export unless configured");
     f.exports.add("later", Counting::new(2 * MIB, false));
     assert_eq!(size("later"), Some(2 * MIB));
     f.exports.remove("later");
     assert_eq!(size("later"), None);
     assert_eq!(size("origin"), Some(MIB));
+}
+
+#[test]
+fn default_export_for_the_empty_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let exports = Arc::new(DynExports::default());
+    exports.add("origin", Counting::new(3 * MIB, false));
+    let server = NbdServer::new(
+        exports,
+        ServerOptions {
+            default_export: Some("origin".into()),
+            ..ServerOptions::default()
+        },
+    );
+    server.listen(&Listen::Unix(sock.clone())).unwrap();
+    let out = run(Command::new("nbdinfo")
+        .arg("--size")
+        .arg(format!("nbd+unix:///?socket={}", sock.display())));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        (3 * MIB).to_string()
+    );
 }
 
 #[test]
@@ -499,6 +523,7 @@ fn fio(f: &Fixture, extra: &[&str]) -> Output {
             "--verify=crc32c",
             "--randrepeat=1",
             "--exitall_on_error=1",
+            "--verify_state_save=0",
         ])
         .arg(format!("--uri={}", f.uri("origin")))
         .args(extra))
@@ -537,6 +562,7 @@ fn fio_randwrite_then_verify() {
                 "--verify=crc32c",
                 "--randrepeat=1",
                 "--verify_only",
+                "--verify_state_save=0",
             ])
             .arg(format!("--uri={}", f.uri("origin"))),
     );
@@ -573,4 +599,98 @@ fn shutdown_finishes_and_closes_connections() {
     assert!(!Path::new(&f.sock).exists());
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// nbdfuse exposes the export as a file; mkfs.ext4, debugfs and e2fsck then
+/// build and check a filesystem on it: every block goes through our server.
+#[test]
+fn ext4_through_nbdfuse() {
+    let f = Fixture::new();
+    let dev = Counting::new(64 * MIB, false);
+    f.exports.add("origin", dev.clone());
+    let mnt = f.path("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let pidfile = f.path("nbdfuse.pid");
+    let mut fuse = Command::new("nbdfuse")
+        .arg("-P")
+        .arg(&pidfile)
+        .arg(mnt.join("disk"))
+        .arg(f.uri("origin"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nbdfuse (package libnbd-bin) is needed");
+    let t0 = Instant::now();
+    while !pidfile.exists() {
+        if let Some(st) = fuse.try_wait().unwrap() {
+            let out = fuse.wait_with_output().unwrap();
+            panic!(
+                "nbdfuse exited with {st}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "nbdfuse did not mount"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let disk = mnt.join("disk");
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&disk));
+        let content = f.path("hello.txt");
+        std::fs::write(&content, b"hello through nbd\n".repeat(1000)).unwrap();
+        run(Command::new("debugfs")
+            .arg("-w")
+            .arg("-R")
+            .arg(format!("write {} hello.txt", content.display()))
+            .arg(&disk));
+        run(Command::new("e2fsck").args(["-f", "-n"]).arg(&disk));
+        let out = run(Command::new("debugfs")
+            .arg("-R")
+            .arg("cat hello.txt")
+            .arg(&disk));
+        assert!(out.stdout == b"hello through nbd\n".repeat(1000));
+    }));
+    run(Command::new("fusermount3").arg("-u").arg(&mnt));
+    let _ = fuse.wait();
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+    // The filesystem is in the device itself: check it there too.
+    let img = f.path("img");
+    std::fs::write(&img, dev.content()).unwrap();
+    run(Command::new("e2fsck").args(["-f", "-n"]).arg(&img));
+}
+
+/// A file-backed export (`PlainDevice<FileDev>`): what a client writes
+/// lands in the file, FUA and FLUSH included.
+#[test]
+fn file_backed_export_with_qemu_io() {
+    use dmsnap::device::StaticExports;
+    use dmsnap::io::{FileDev, OpenOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let img = dir.path().join("origin.img");
+    let dev = FileDev::create_sparse(&img, 8 * MIB, OpenOptions::default()).unwrap();
+    let exports = StaticExports::new().with(
+        "origin",
+        Arc::new(PlainDevice::new(dev, false)) as Arc<dyn Device>,
+    );
+    let server = NbdServer::new(Arc::new(exports), ServerOptions::default());
+    server.listen(&Listen::Unix(sock.clone())).unwrap();
+    let uri = format!("nbd+unix:///origin?socket={}", sock.display());
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", &uri])
+        .args(["-c", "write -P 0x3c 1M 1M"])
+        .args(["-c", "write -f -P 0x3d 4M 4k"])
+        .args(["-c", "flush"])
+        .args(["-c", "read -P 0x3c 1M 1M"]));
+    let c = std::fs::read(&img).unwrap();
+    let m = MIB as usize;
+    assert!(c[..m].iter().all(|&b| b == 0));
+    assert!(c[m..2 * m].iter().all(|&b| b == 0x3c));
+    assert!(c[4 * m..4 * m + 4096].iter().all(|&b| b == 0x3d));
+    server.shutdown();
 }

@@ -764,6 +764,27 @@ fn handshake_timeout_frees_the_slot() {
     let mut g = [0u8; 18];
     idle.s.read_exact(&mut g).unwrap();
     assert!(idle.closed(), "idle client kept its connection");
+    // A client that sends options but never reads the replies is cut off
+    // once the server's writes stall.
+    let mut deaf = Raw::fixed(&f);
+    deaf.s
+        .set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let list = proto::encode_option_header(proto::OptionHeader {
+        option: opt::LIST,
+        length: 0,
+    });
+    let many: Vec<u8> = list.iter().copied().cycle().take(16 * 50_000).collect();
+    let _ = deaf.s.write_all(&many);
+    let t0 = Instant::now();
+    while f.server.connections() > 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "deaf client kept its slot"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(deaf);
     // In transmission there is no timeout: an idle client keeps its slot.
     let mut c = Raw::go(&f, "origin");
     std::thread::sleep(Duration::from_millis(400));
@@ -787,4 +808,64 @@ fn disc_finishes_in_flight_requests_then_closes() {
     let mut d = vec![0u8; 16 * 4096];
     f.origin.read_at(&mut d, 0).unwrap();
     assert!(d.iter().all(|&b| b == 0x99));
+}
+
+/// A device whose writes take a while, to catch shutdown cutting them off.
+struct Slow(PlainDevice<MemDev>);
+
+impl Device for Slow {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DevError> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<(), DevError> {
+        std::thread::sleep(Duration::from_millis(300));
+        self.0.write_at(buf, offset, fua)
+    }
+    fn flush(&self) -> Result<(), DevError> {
+        self.0.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), DevError> {
+        self.0.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), DevError> {
+        self.0.write_zeroes(offset, len, fua)
+    }
+}
+
+#[test]
+fn shutdown_lets_in_flight_requests_finish() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let slow = Arc::new(Slow(PlainDevice::new(MemDev::new(MIB), false)));
+    let exports = StaticExports::new().with("origin", slow.clone() as Arc<dyn Device>);
+    let server = NbdServer::new(Arc::new(exports), ServerOptions::default());
+    server.listen(&Listen::Unix(sock.clone())).unwrap();
+    let s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut c = Raw { s };
+    let mut g = [0u8; 18];
+    c.s.read_exact(&mut g).unwrap();
+    c.s.write_all(&3u32.to_be_bytes()).unwrap();
+    c.info_go(opt::GO, "origin").unwrap();
+    for i in 0..4u64 {
+        c.request(cmd::WRITE, 0, i, i * 4096, 4096);
+        c.s.write_all(&[0x77; 4096]).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(50)); // requests reach the workers
+    let t = Instant::now();
+    server.shutdown();
+    assert!(t.elapsed() < Duration::from_secs(5));
+    for _ in 0..4 {
+        assert_eq!(c.reply().error, 0);
+    }
+    assert!(c.closed());
+    let mut d = vec![0u8; 4 * 4096];
+    slow.0.read_at(&mut d, 0).unwrap();
+    assert!(d.iter().all(|&b| b == 0x77));
+    assert!(!sock.exists());
+    assert!(UnixStream::connect(&sock).is_err());
 }

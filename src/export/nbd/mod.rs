@@ -5,4 +5,4 @@
 pub mod proto;
 pub mod server;
 
-pub use server::{BoundAddr, BoundListener, Listen, NbdServer, ServerOptions};
+pub use server::{BoundAddr, BoundListener, Listen, ListenParseError, NbdServer, ServerOptions};

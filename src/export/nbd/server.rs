@@ -48,6 +48,9 @@ pub struct ServerOptions {
     /// On [`NbdServer::shutdown`], how long connections get to finish their
     /// requests before their sockets are cut.
     pub shutdown_grace: Duration,
+    /// The export served to clients asking for the empty name (the spec's
+    /// "default export", what `nbd+unix:///?socket=...` asks for).
+    pub default_export: Option<String>,
 }
 
 impl Default for ServerOptions {
@@ -59,6 +62,7 @@ impl Default for ServerOptions {
             max_in_flight_bytes: 64 << 20,
             handshake_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
+            default_export: None,
         }
     }
 }
@@ -71,6 +75,42 @@ pub enum Listen {
     /// A TCP `host:port` (port 0 picks one; see [`BoundListener::local_addr`]).
     Tcp(String),
 }
+
+/// `unix:PATH` or `tcp:HOST:PORT`, as `serve --listen` takes them.
+impl std::str::FromStr for Listen {
+    type Err = ListenParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err(ListenParseError(s.to_string()));
+            }
+            Ok(Listen::Unix(PathBuf::from(p)))
+        } else if let Some(hp) = s.strip_prefix("tcp:") {
+            match hp.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                    Ok(Listen::Tcp(hp.to_string()))
+                }
+                _ => Err(ListenParseError(s.to_string())),
+            }
+        } else {
+            Err(ListenParseError(s.to_string()))
+        }
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+            Listen::Tcp(hp) => write!(f, "tcp:{hp}"),
+        }
+    }
+}
+
+/// A `--listen` value that is neither `unix:PATH` nor `tcp:HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid listen address {0:?}: expected unix:PATH or tcp:HOST:PORT")]
+pub struct ListenParseError(pub String);
 
 /// The address a listener is bound to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -271,6 +311,12 @@ impl Stream {
         match self {
             Stream::Unix(s) => s.set_read_timeout(t),
             Stream::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Tcp(s) => s.set_write_timeout(t),
         }
     }
     fn fd(&self) -> RawFd {
@@ -540,6 +586,10 @@ impl Export {
 }
 
 fn resolve(sh: &Shared, name: &str) -> Option<Export> {
+    let name = match (name, &sh.opts.default_export) {
+        ("", Some(default)) => default.as_str(),
+        _ => name,
+    };
     let dev = sh.exports.get(name)?;
     let read_only = dev.read_only() || (sh.opts.read_only)(name);
     Some(Export {
@@ -551,13 +601,17 @@ fn resolve(sh: &Shared, name: &str) -> Option<Export> {
 
 fn serve_connection(sh: &Arc<Shared>, stream: Stream) -> Result<(), ConnError> {
     set_socket_buffers(stream.fd());
+    // A client that neither talks nor listens must not hold a slot forever
+    // during the handshake (in transmission, idle clients are normal).
     stream.set_read_timeout(Some(sh.opts.handshake_timeout))?;
+    stream.set_write_timeout(Some(sh.opts.handshake_timeout))?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::with_capacity(256 << 10, stream);
     let Some((export, structured)) = handshake(sh, &mut reader, &mut writer)? else {
         return Ok(());
     };
     reader.get_ref().set_read_timeout(None)?;
+    reader.get_ref().set_write_timeout(None)?;
     tracing::debug!("nbd: serving {:?}", export.name);
     transmission(sh, reader, writer, export, structured)
 }
@@ -1059,4 +1113,35 @@ fn do_read(conn: &Conn, req: Request) {
         }
     }
     conn.give_buffer(buf);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_parses_unix_and_tcp() {
+        assert_eq!(
+            "unix:/run/x.sock".parse(),
+            Ok(Listen::Unix("/run/x.sock".into()))
+        );
+        assert_eq!(
+            "tcp:127.0.0.1:10809".parse(),
+            Ok(Listen::Tcp("127.0.0.1:10809".into()))
+        );
+        assert_eq!("tcp:[::1]:0".parse(), Ok(Listen::Tcp("[::1]:0".into())));
+        for bad in [
+            "",
+            "unix:",
+            "tcp:",
+            "tcp:host",
+            "tcp::80",
+            "tcp:h:99999",
+            "udp:x:1",
+        ] {
+            assert!(bad.parse::<Listen>().is_err(), "{bad}");
+        }
+        let l = Listen::Tcp("localhost:1".into());
+        assert_eq!(l.to_string().parse(), Ok(l));
+    }
 }
