@@ -807,3 +807,14 @@ fn device_errors_reach_the_client_as_their_errno() {
     drop(f);
     m.unmount().unwrap();
 }
+
+#[test]
+fn unmount_after_an_external_umount_is_ok() {
+    let exports: Arc<dyn ExportSet> =
+        Arc::new(StaticExports::new().with("origin", mem_export(MIB)));
+    let (_tmp, m) = mount_dir(exports, FuseOptions::default());
+    let dir = m.dir().to_path_buf();
+    bench::run(Command::new("umount").arg(&dir)).unwrap();
+    assert!(!is_mounted(&dir));
+    m.unmount().expect("nothing left to unmount");
+}

@@ -214,6 +214,13 @@ impl FuseMount {
                 );
                 Ok(())
             }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                // Not a mount point any more: someone ran `umount DIR`, and
+                // the request threads ended when the kernel closed the
+                // connection.
+                tracing::info!(dir = %self.dir.display(), "FUSE export was already unmounted");
+                Ok(())
+            }
             Err(source) => Err(FuseError::Unmount {
                 path: self.dir.clone(),
                 source,
