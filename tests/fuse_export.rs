@@ -69,7 +69,8 @@ fn ext4_on_a_loop_device_over_the_fuse_file_lands_in_the_backing_device() {
     std::fs::create_dir(&fuse_dir).unwrap();
 
     let dev = FileDev::create_sparse(&image, 256 * MIB, OpenOptions::default()).unwrap();
-    let exports = StaticExports::new().with("origin", Arc::new(PlainDevice::new(dev, false)));
+    let dev = Arc::new(Counting::wrap(Arc::new(PlainDevice::new(dev, false))));
+    let exports = StaticExports::new().with("origin", dev.clone());
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let files: Vec<(String, Vec<u8>)> = (0..6)
         .map(|i| {
@@ -93,6 +94,10 @@ fn ext4_on_a_loop_device_over_the_fuse_file_lands_in_the_backing_device() {
             .output()
             .unwrap();
         assert!(out.status.success(), "{out:?}");
+        assert!(
+            dev.discards.load(Ordering::SeqCst) > 0,
+            "mkfs discards reach Device::discard"
+        );
         assert_fsck_clean(lo.path());
 
         let fs = FsMount::mount(lo.path(), &fs_dir, "ext4").unwrap();
@@ -119,7 +124,7 @@ fn ext4_on_a_loop_device_over_the_fuse_file_lands_in_the_backing_device() {
 
 /// A device that counts the calls the tests care about.
 struct Counting {
-    inner: PlainDevice<MemDev>,
+    inner: Arc<dyn Device>,
     discards: AtomicUsize,
     zeroes: AtomicUsize,
     flushes: AtomicUsize,
@@ -130,8 +135,11 @@ struct Counting {
 
 impl Counting {
     fn new(len: u64) -> Self {
+        Self::wrap(mem_export(len))
+    }
+    fn wrap(inner: Arc<dyn Device>) -> Self {
         Counting {
-            inner: PlainDevice::new(MemDev::new(len), false),
+            inner,
             discards: AtomicUsize::new(0),
             zeroes: AtomicUsize::new(0),
             flushes: AtomicUsize::new(0),
@@ -233,6 +241,14 @@ fn fallocate_and_fsync_reach_discard_write_zeroes_and_flush() {
     let before = dev.flushes.load(Ordering::SeqCst);
     drop(f);
     assert!(dev.flushes.load(Ordering::SeqCst) > before, "close → flush");
+
+    // fsync on the directory flushes every export.
+    let before = dev.flushes.load(Ordering::SeqCst);
+    File::open(m.dir()).unwrap().sync_all().unwrap();
+    assert!(
+        dev.flushes.load(Ordering::SeqCst) > before,
+        "fsyncdir → flush"
+    );
 
     // O_DSYNC writes are FUA writes; plain ones are not.
     assert_eq!(dev.fua_writes.load(Ordering::SeqCst), 0);
