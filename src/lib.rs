@@ -8,9 +8,15 @@
 //! → [`format::DiskException`]; `dm_exception_store_type` →
 //! [`store::ExceptionStore`]; `persistent_*` → `store::persistent`.
 
+pub mod copier;
 pub mod device;
+pub mod exception;
 pub mod export;
 pub mod format;
 pub mod io;
+pub mod pool;
+pub mod report;
+pub mod snap;
 pub mod store;
+pub mod tools;
 pub mod units;

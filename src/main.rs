@@ -1,5 +1,8 @@
-//! The `dmsnap` command line.
-fn main() {
-    eprintln!("dmsnap: under construction");
-    std::process::exit(2);
+//! The `dmsnap` command line: parse, dispatch, map errors to exit codes.
+//! Everything else lives in the library.
+
+mod cli;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
 }

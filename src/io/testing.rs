@@ -155,6 +155,61 @@ struct CrashState {
 /// after which every operation fails, so a workload can be cut at every point.
 pub struct CrashDev {
     st: Mutex<CrashState>,
+    /// Shared power: when set, the op counter and the power cut are the
+    /// group's (see [`CrashGroup`]).
+    group: Option<Arc<CrashGroup>>,
+}
+
+/// Several [`CrashDev`]s on one power supply: one write/flush counter across
+/// all members, and a power cut that hits them all at once.
+#[derive(Default)]
+pub struct CrashGroup {
+    st: Mutex<GroupState>,
+}
+
+#[derive(Default)]
+struct GroupState {
+    ops: u64,
+    crash_after: Option<u64>,
+    crashed: bool,
+}
+
+impl CrashGroup {
+    pub fn new() -> Arc<CrashGroup> {
+        Arc::new(CrashGroup::default())
+    }
+    /// A member device holding `bytes` (durable and live).
+    pub fn device(self: &Arc<Self>, bytes: Vec<u8>) -> Arc<CrashDev> {
+        let mut d = CrashDev::from_vec(bytes);
+        d.group = Some(self.clone());
+        Arc::new(d)
+    }
+    /// Cut power when the `n`-th write or flush of any member (0-based,
+    /// counted from the group's creation) is attempted.
+    pub fn crash_after(&self, n: u64) {
+        self.st.lock().crash_after = Some(n);
+    }
+    /// Write and flush operations performed so far by all members.
+    pub fn ops(&self) -> u64 {
+        self.st.lock().ops
+    }
+    pub fn has_crashed(&self) -> bool {
+        self.st.lock().crashed
+    }
+    fn tick(&self) -> io::Result<()> {
+        let mut st = self.st.lock();
+        if st.crashed {
+            return Err(injected());
+        }
+        if let Some(n) = st.crash_after {
+            if st.ops >= n {
+                st.crashed = true;
+                return Err(injected());
+            }
+        }
+        st.ops += 1;
+        Ok(())
+    }
 }
 
 impl CrashDev {
@@ -173,6 +228,7 @@ impl CrashDev {
                 crash_after: None,
                 crashed: false,
             }),
+            group: None,
         }
     }
     /// Cut power when the `n`-th write or flush (0-based, counted from the
@@ -216,7 +272,10 @@ impl CrashDev {
         Arc::new(MemDev::from_vec(self.crash()))
     }
 
-    fn tick(st: &mut CrashState) -> io::Result<()> {
+    fn tick(&self, st: &mut CrashState) -> io::Result<()> {
+        if let Some(g) = &self.group {
+            return g.tick();
+        }
         if st.crashed {
             return Err(injected());
         }
@@ -237,7 +296,7 @@ impl BlockDev for CrashDev {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let st = self.st.lock();
-        if st.crashed {
+        if st.crashed || self.group.as_ref().is_some_and(|g| g.has_crashed()) {
             return Err(injected());
         }
         check_range(offset, buf.len() as u64, st.live.len() as u64)?;
@@ -248,7 +307,7 @@ impl BlockDev for CrashDev {
     fn write_at(&self, buf: &[u8], offset: u64, flags: WriteFlags) -> io::Result<()> {
         let mut st = self.st.lock();
         check_range(offset, buf.len() as u64, st.live.len() as u64)?;
-        Self::tick(&mut st)?;
+        self.tick(&mut st)?;
         let o = offset as usize;
         st.live[o..o + buf.len()].copy_from_slice(buf);
         if flags.fua {
@@ -261,7 +320,7 @@ impl BlockDev for CrashDev {
     }
     fn flush(&self) -> io::Result<()> {
         let mut st = self.st.lock();
-        Self::tick(&mut st)?;
+        self.tick(&mut st)?;
         let st = &mut *st;
         for (off, data) in st.unflushed.drain(..) {
             let o = off as usize;

@@ -11,11 +11,11 @@
 pub mod persistent;
 pub mod transient;
 
-// pub use persistent::PersistentStore; (added with the persistent store)
+pub use persistent::PersistentStore;
 pub use transient::TransientStore;
 
 use crate::format::{DiskException, HeaderError};
-use crate::units::{Chunk, ChunkSize, Sector};
+use crate::units::{Chunk, ChunkSize, ChunkSizeError, Sector};
 use std::io;
 
 /// The table's `<P|PO|N>` argument.
@@ -120,6 +120,8 @@ pub enum StoreError {
         chunk_size: ChunkSize,
         min_bytes: u64,
     },
+    #[error("the chunk size does not suit the COW device")]
+    BadChunkSize(#[source] ChunkSizeError),
     #[error("the COW device's chunk size {on_disk} differs from the requested {requested}")]
     ChunkSizeMismatch {
         on_disk: ChunkSize,

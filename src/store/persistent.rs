@@ -1,2 +1,1082 @@
-//! The persistent store (`P`/`PO`): the kernel's on-disk format. See `format`.
-//! (Implemented in the store work; this placeholder keeps the tree building.)
+//! The persistent exception store (`P`/`PO`, `dm-snap-persistent.c`): the
+//! kernel's on-disk format (see [`crate::format`]) with the kernel's
+//! allocation, group-commit and merge protocols.
+//!
+//! State, as in the kernel's `struct pstore`:
+//! - `next_free`: the next COW chunk to hand out (never a metadata chunk);
+//! - `current_area` / `current_committed`: the metadata area records are
+//!   appended to and how many it holds; `area` is its in-memory copy;
+//! - `pending_count`: exceptions prepared but not yet committed;
+//! - `callbacks`: commits gathered for the next area write.
+//!
+//! Durability (group commit, `persistent_commit_exception`): an area is
+//! written only when no prepared exception is pending or the area just
+//! filled; before it, a full area's successor is zeroed (the terminator),
+//! then the COW is flushed (the data copies the records point at become
+//! durable), then the area is written with FUA. Only then are the gathered
+//! callbacks told `true`. Any write error makes the store invalid: it
+//! writes no more metadata and every later callback gets `false`.
+//!
+//! Deviations from the kernel, all on corrupt or hostile input or for
+//! crash safety: records pointing at the header, a metadata chunk or past
+//! the device are refused ([`StoreError::Corrupt`]); bytes after the
+//! terminator of the last area are not carried into the working copy (the
+//! kernel would write them back and could resurrect stale records); a fresh
+//! store's area 0 is zeroed and flushed *before* its header is written and
+//! flushed, so a crash cannot leave a header over garbage records.
+
+mod prefetch;
+
+use super::{CommitCallback, Completed, ExceptionStore, StoreError, StoreType, Usage};
+use crate::format::{
+    area_location, exceptions_per_area, is_metadata_chunk, skip_metadata, DiskException,
+    DiskHeader, HeaderError, HeaderState, RawDiskException, DISK_EXCEPTION_BYTES,
+    NUM_SNAPSHOT_HDR_CHUNKS,
+};
+use crate::io::{DevRef, WriteFlags};
+use crate::units::{Chunk, ChunkSize, Sector, SECTOR_SIZE};
+use zerocopy::{FromBytes, IntoBytes};
+
+/// Chunks a new store needs at least: header, area 0 and one data chunk
+/// (LVM's `SNAPSHOT_MIN_CHUNKS`).
+pub const MIN_CHUNKS: u64 = 3;
+
+/// A persistent exception store on a COW device.
+pub struct PersistentStore {
+    cow: DevRef,
+    chunk_size: ChunkSize,
+    /// `PO`: a full COW fails snapshot writes only (the engine acts on it).
+    overflow: bool,
+    /// `open` found magic 0 and formatted the device (kernel `new_snapshot`).
+    new_snapshot: bool,
+    valid: bool,
+    next_free: Chunk,
+    current_area: u64,
+    current_committed: u64,
+    pending_count: u64,
+    /// In-memory copy of the current area (`ps->area`); empty only when the
+    /// device cannot hold one (such a store never gets to commit).
+    area: Vec<u8>,
+    callbacks: Vec<CommitCallback>,
+    /// The first error that made the store invalid during a commit (commits
+    /// report only `false` to their callbacks).
+    error: Option<StoreError>,
+}
+
+impl std::fmt::Debug for PersistentStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PersistentStore")
+            .field("chunk_size", &self.chunk_size)
+            .field("overflow", &self.overflow)
+            .field("new_snapshot", &self.new_snapshot)
+            .field("valid", &self.valid)
+            .field("next_free", &self.next_free)
+            .field("current_area", &self.current_area)
+            .field("current_committed", &self.current_committed)
+            .field("pending_count", &self.pending_count)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The device's logical block size in bytes (at least one sector).
+fn block_bytes(cow: &DevRef) -> u64 {
+    u64::from(cow.logical_block_size()).max(SECTOR_SIZE)
+}
+
+impl PersistentStore {
+    /// Open the store on `cow` (`persistent_ctr` + `read_header`): a device
+    /// whose first 4 bytes are zero gets a fresh store with `requested` (or
+    /// the default 4 KiB) chunks; an existing store keeps its on-disk chunk
+    /// size. A header marked invalid opens as an invalid store.
+    pub fn open(
+        cow: DevRef,
+        requested: Option<ChunkSize>,
+        overflow: bool,
+    ) -> Result<Self, StoreError> {
+        match Self::read_header(&cow)? {
+            HeaderState::Fresh => {
+                let chunk_size = requested.unwrap_or_else(|| default_chunk_size(&cow));
+                let mut s = Self::format(cow, chunk_size)?;
+                s.overflow = overflow;
+                Ok(s)
+            }
+            HeaderState::Existing(h) => {
+                if let Some(r) = requested.filter(|&r| r != h.chunk_size) {
+                    tracing::warn!(
+                        "chunk size {} in device metadata overrides the requested chunk size of {}",
+                        h.chunk_size,
+                        r
+                    );
+                }
+                Self::adopt(cow, h, overflow)
+            }
+        }
+    }
+
+    /// Open an existing store without ever writing: `Ok(None)` when the
+    /// device holds no store (magic 0). For offline tools.
+    pub fn open_existing(cow: DevRef, overflow: bool) -> Result<Option<Self>, StoreError> {
+        match Self::read_header(&cow)? {
+            HeaderState::Fresh => Ok(None),
+            HeaderState::Existing(h) => Self::adopt(cow, h, overflow).map(Some),
+        }
+    }
+
+    /// Write a fresh, empty store with `chunk_size` chunks on `cow`, whatever
+    /// it held (`write_header` + `zero_disk_area(0)`), and open it.
+    pub fn format(cow: DevRef, chunk_size: ChunkSize) -> Result<Self, StoreError> {
+        let block = block_bytes(&cow);
+        chunk_size
+            .check_block_size(block)
+            .map_err(StoreError::BadChunkSize)?;
+        let min_bytes = MIN_CHUNKS * chunk_size.bytes();
+        if cow.len() < min_bytes {
+            return Err(StoreError::TooSmall {
+                cow_bytes: cow.len(),
+                chunk_size,
+                min_bytes,
+            });
+        }
+        let mut s = Self::new_state(cow, chunk_size, false);
+        s.new_snapshot = true;
+        // Area 0 first, then the header: a crash in between leaves either no
+        // store (magic 0) or an empty one, never a header over stale records.
+        s.zero_disk_area(0)?;
+        s.cow.flush().map_err(StoreError::Flush)?;
+        s.write_header()?;
+        s.cow.flush().map_err(StoreError::Flush)?;
+        Ok(s)
+    }
+
+    fn read_header(cow: &DevRef) -> Result<HeaderState, StoreError> {
+        let head_len = block_bytes(cow);
+        if cow.len() < head_len {
+            let chunk_size = ChunkSize::DEFAULT;
+            return Err(StoreError::TooSmall {
+                cow_bytes: cow.len(),
+                chunk_size,
+                min_bytes: MIN_CHUNKS * chunk_size.bytes(),
+            });
+        }
+        let mut head = vec![0u8; head_len as usize];
+        cow.read_at(&mut head, 0).map_err(StoreError::ReadHeader)?;
+        DiskHeader::parse(&head).map_err(StoreError::Header)
+    }
+
+    fn adopt(cow: DevRef, h: DiskHeader, overflow: bool) -> Result<Self, StoreError> {
+        h.chunk_size
+            .check_block_size(block_bytes(&cow))
+            .map_err(|e| StoreError::Header(HeaderError::BadChunkSize(e)))?;
+        let mut s = Self::new_state(cow, h.chunk_size, overflow);
+        if !h.valid {
+            tracing::warn!("snapshot is marked invalid");
+            s.valid = false;
+        }
+        Ok(s)
+    }
+
+    fn new_state(cow: DevRef, chunk_size: ChunkSize, overflow: bool) -> Self {
+        // The working area is allocated only if one fits on the device, so
+        // an untrusted chunk size never sizes an allocation beyond it.
+        let area = if cow.len() >= 2 * chunk_size.bytes() {
+            vec![0u8; chunk_size.bytes() as usize]
+        } else {
+            Vec::new()
+        };
+        PersistentStore {
+            cow,
+            chunk_size,
+            overflow,
+            new_snapshot: false,
+            valid: true,
+            next_free: Chunk(NUM_SNAPSHOT_HDR_CHUNKS + 1),
+            current_area: 0,
+            current_committed: 0,
+            pending_count: 0,
+            area,
+            callbacks: Vec::new(),
+            error: None,
+        }
+    }
+
+    /// True when `open`/`format` wrote a fresh store; false when an existing
+    /// (kernel- or dmsnap-made) store was adopted.
+    pub fn is_new_snapshot(&self) -> bool {
+        self.new_snapshot
+    }
+    /// True for `PO` (overflow) mode.
+    pub fn overflow(&self) -> bool {
+        self.overflow
+    }
+    /// `P` or `PO`.
+    pub fn store_type(&self) -> StoreType {
+        if self.overflow {
+            StoreType::PersistentOverflow
+        } else {
+            StoreType::Persistent
+        }
+    }
+    /// The COW device.
+    pub fn cow(&self) -> &DevRef {
+        &self.cow
+    }
+    /// The next chunk `prepare_exception` would hand out.
+    pub fn next_free(&self) -> Chunk {
+        self.next_free
+    }
+    /// The metadata area records are appended to.
+    pub fn current_area(&self) -> u64 {
+        self.current_area
+    }
+    /// Records in the current area.
+    pub fn current_committed(&self) -> u64 {
+        self.current_committed
+    }
+    /// Exceptions prepared and not yet committed.
+    pub fn pending_count(&self) -> u64 {
+        self.pending_count
+    }
+    /// Take the error that invalidated the store during a commit, if any.
+    pub fn take_error(&mut self) -> Option<StoreError> {
+        self.error.take()
+    }
+
+    fn exceptions_per_area(&self) -> u64 {
+        exceptions_per_area(self.chunk_size)
+    }
+
+    fn area_offset(&self, area: u64) -> u64 {
+        self.chunk_size
+            .chunk_to_byte(area_location(self.chunk_size, area))
+    }
+
+    /// Whole chunks on the COW device.
+    fn cow_chunks(&self) -> u64 {
+        self.chunk_size.whole_chunks(self.cow.len())
+    }
+
+    /// How many metadata areas lie wholly on the device.
+    fn areas_on_device(&self) -> u64 {
+        let chunks = self.cow_chunks();
+        if chunks < NUM_SNAPSHOT_HDR_CHUNKS + 1 {
+            return 0;
+        }
+        (chunks - NUM_SNAPSHOT_HDR_CHUNKS - 1) / (self.exceptions_per_area() + 1) + 1
+    }
+
+    /// `write_header`: the whole header chunk (rest zero), plain write.
+    fn write_header(&self) -> Result<(), StoreError> {
+        let h = DiskHeader {
+            valid: self.valid,
+            chunk_size: self.chunk_size,
+        };
+        // Never more than the device holds (an adopted header's chunk size
+        // is untrusted).
+        let len = self.chunk_size.bytes().min(self.cow.len()) as usize;
+        let mut buf = vec![0u8; len];
+        let raw = h.to_raw();
+        if let Some(dst) = buf.get_mut(..raw.as_bytes().len()) {
+            dst.copy_from_slice(raw.as_bytes());
+        }
+        self.cow
+            .write_at(&buf, 0, WriteFlags::NONE)
+            .map_err(StoreError::WriteHeader)
+    }
+
+    /// `zero_disk_area`: a plain write of zeroes over metadata area `area`.
+    fn zero_disk_area(&self, area: u64) -> Result<(), StoreError> {
+        self.cow
+            .write_zeroes(
+                self.area_offset(area),
+                self.chunk_size.bytes(),
+                WriteFlags::NONE,
+            )
+            .map_err(|source| StoreError::ZeroArea { area, source })
+    }
+
+    /// `area_io(REQ_PREFLUSH | REQ_FUA)`: flush, then write the working area
+    /// with FUA.
+    fn write_area_durably(&self) -> Result<(), StoreError> {
+        self.cow.flush().map_err(StoreError::Flush)?;
+        self.cow
+            .write_at(
+                &self.area,
+                self.area_offset(self.current_area),
+                WriteFlags::FUA,
+            )
+            .map_err(|source| StoreError::WriteArea {
+                area: self.current_area,
+                source,
+            })
+    }
+
+    fn slot(&self, index: u64) -> Option<&[u8]> {
+        let start = usize::try_from(index * DISK_EXCEPTION_BYTES).ok()?;
+        self.area.get(start..start + DISK_EXCEPTION_BYTES as usize)
+    }
+
+    /// `read_exception`.
+    fn read_exception(&self, index: u64) -> Option<DiskException> {
+        let raw = RawDiskException::read_from_bytes(self.slot(index)?).ok()?;
+        Some(raw.into())
+    }
+
+    /// `write_exception` (and `clear_exception` with zeroes).
+    fn write_exception(&mut self, index: u64, raw: RawDiskException) {
+        let Ok(start) = usize::try_from(index * DISK_EXCEPTION_BYTES) else {
+            return;
+        };
+        if let Some(dst) = self
+            .area
+            .get_mut(start..start + DISK_EXCEPTION_BYTES as usize)
+        {
+            dst.copy_from_slice(raw.as_bytes());
+        }
+    }
+
+    /// Check one loaded record against the device geometry.
+    fn check_record(&self, area: u64, slot: u64, e: DiskException) -> Result<(), StoreError> {
+        let corrupt = |what: String| StoreError::Corrupt { area, slot, what };
+        if e.new_chunk.0 >= self.cow_chunks() {
+            return Err(corrupt(format!(
+                "new_chunk {} (old_chunk {}) lies beyond the end of the COW device ({} chunks)",
+                e.new_chunk,
+                e.old_chunk,
+                self.cow_chunks()
+            )));
+        }
+        if is_metadata_chunk(self.chunk_size, e.new_chunk) {
+            return Err(corrupt(format!(
+                "new_chunk {} (old_chunk {}) is a metadata chunk",
+                e.new_chunk, e.old_chunk
+            )));
+        }
+        Ok(())
+    }
+
+    /// `read_exceptions`: walk the areas, hand every record to `sink`, keep
+    /// the last (partial) area as the working area.
+    fn read_exceptions(&mut self, sink: &mut dyn FnMut(DiskException)) -> Result<(), StoreError> {
+        let areas = self.areas_on_device();
+        let cow = self.cow.clone();
+        let chunk_size = self.chunk_size;
+        let (last_area, committed, last, next_free) =
+            prefetch::with_areas(&*cow, chunk_size, areas, |src| {
+                let mut next_free = self.next_free;
+                let mut area = 0u64;
+                loop {
+                    if area >= areas {
+                        return Err(StoreError::Corrupt {
+                            area,
+                            slot: 0,
+                            what: format!(
+                                "metadata area {area} (chunk {}) lies beyond the end of the COW \
+                                 device ({} chunks): the exception list has no terminator",
+                                area_location(chunk_size, area),
+                                self.cow_chunks()
+                            ),
+                        });
+                    }
+                    let buf = src
+                        .get(area)
+                        .map_err(|source| StoreError::ReadArea { area, source })?;
+                    let mut end = None;
+                    for (slot, rec) in (0u64..).zip(buf.chunks_exact(DISK_EXCEPTION_BYTES as usize))
+                    {
+                        let Ok(raw) = RawDiskException::read_from_bytes(rec) else {
+                            break;
+                        };
+                        let e = DiskException::from(raw);
+                        if e.new_chunk.0 == 0 {
+                            end = Some(slot);
+                            break;
+                        }
+                        self.check_record(area, slot, e)?;
+                        if next_free.0 <= e.new_chunk.0 {
+                            next_free = Chunk(e.new_chunk.0 + 1);
+                        }
+                        sink(e);
+                    }
+                    if let Some(committed) = end {
+                        return Ok((area, committed, buf, next_free));
+                    }
+                    area += 1;
+                }
+            })?;
+        self.current_area = last_area;
+        self.current_committed = committed;
+        // The working copy: the records, then zeroes (see the module docs).
+        let keep = (committed * DISK_EXCEPTION_BYTES) as usize;
+        self.area = last;
+        if let Some(tail) = self.area.get_mut(keep..) {
+            tail.fill(0);
+        }
+        self.next_free = skip_metadata(chunk_size, next_free);
+        Ok(())
+    }
+
+    /// Mark the store invalid after a failed commit, keeping the first error.
+    fn fail(&mut self, e: StoreError) {
+        tracing::error!("exception store: {}", chain(&e));
+        self.valid = false;
+        if self.error.is_none() {
+            self.error = Some(e);
+        }
+    }
+}
+
+/// An error with its causes, for logs.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// A fresh store's chunk size when none is asked for: 4 KiB, or the
+/// device's block size if that is larger (the kernel's rule, with LVM's 4 KiB).
+fn default_chunk_size(cow: &DevRef) -> ChunkSize {
+    let block = block_bytes(cow);
+    if block > ChunkSize::DEFAULT.bytes() {
+        if let Ok(cs) = ChunkSize::from_bytes(block) {
+            return cs;
+        }
+    }
+    ChunkSize::DEFAULT
+}
+
+impl ExceptionStore for PersistentStore {
+    fn chunk_size(&self) -> ChunkSize {
+        self.chunk_size
+    }
+
+    fn is_valid(&self) -> bool {
+        self.valid
+    }
+
+    /// `persistent_read_metadata`: nothing for a fresh or invalid store.
+    fn read_metadata(&mut self, sink: &mut dyn FnMut(DiskException)) -> Result<(), StoreError> {
+        if self.new_snapshot || !self.valid {
+            return Ok(());
+        }
+        self.read_exceptions(sink)
+    }
+
+    /// `persistent_prepare_exception`.
+    fn prepare_exception(&mut self) -> Result<Chunk, StoreError> {
+        if !self.valid {
+            return Err(StoreError::Invalid);
+        }
+        let cow_sectors = Sector::from_bytes(self.cow.len()).0;
+        let need = (self.next_free.0 + 1).saturating_mul(self.chunk_size.sectors());
+        if cow_sectors < need {
+            return Err(StoreError::Full {
+                chunk_size: self.chunk_size,
+                usage: self.usage(),
+            });
+        }
+        let new_chunk = self.next_free;
+        self.next_free = skip_metadata(self.chunk_size, Chunk(self.next_free.0 + 1));
+        self.pending_count += 1;
+        Ok(new_chunk)
+    }
+
+    /// `persistent_commit_exception`: group commit (module docs).
+    fn commit_exception(
+        &mut self,
+        e: DiskException,
+        valid: bool,
+        callback: CommitCallback,
+    ) -> Completed {
+        if !valid {
+            self.valid = false;
+        }
+        self.write_exception(self.current_committed, e.into());
+        self.current_committed += 1;
+        self.callbacks.push(callback);
+        debug_assert!(self.pending_count > 0, "commit without prepare");
+        self.pending_count = self.pending_count.saturating_sub(1);
+
+        let full = self.current_committed >= self.exceptions_per_area();
+        if self.pending_count != 0 && !full {
+            return Completed::default();
+        }
+        if full && self.valid {
+            if let Err(e) = self.zero_disk_area(self.current_area + 1) {
+                self.fail(e);
+            }
+        }
+        if self.valid {
+            if let Err(e) = self.write_area_durably() {
+                self.fail(e);
+            }
+        }
+        if full {
+            self.current_committed = 0;
+            self.current_area += 1;
+            self.area.fill(0);
+        }
+        let ok = self.valid;
+        Completed(self.callbacks.drain(..).map(|cb| (cb, ok)).collect())
+    }
+
+    /// `persistent_prepare_merge`.
+    fn prepare_merge(&mut self) -> Result<Option<(Chunk, Chunk, u64)>, StoreError> {
+        if !self.valid {
+            return Err(StoreError::Invalid);
+        }
+        if self.current_committed == 0 {
+            if self.current_area == 0 {
+                return Ok(None);
+            }
+            // Step back to the previous area, which is full on disk.
+            let area = self.current_area - 1;
+            let mut buf = vec![0u8; self.chunk_size.bytes() as usize];
+            self.cow
+                .read_at(&mut buf, self.area_offset(area))
+                .map_err(|source| StoreError::ReadArea { area, source })?;
+            let rec = crate::format::decode_area(&buf);
+            if !rec.full {
+                return Err(StoreError::Corrupt {
+                    area,
+                    slot: rec.exceptions.len() as u64,
+                    what: "the area before the current one is not full".into(),
+                });
+            }
+            self.area = buf;
+            self.current_area = area;
+            self.current_committed = self.exceptions_per_area();
+        }
+        let Some(last) = self.read_exception(self.current_committed - 1) else {
+            return Err(StoreError::Invalid);
+        };
+        let mut n = 1;
+        while n < self.current_committed {
+            let Some(ce) = self.read_exception(self.current_committed - 1 - n) else {
+                break;
+            };
+            // checked: a run never wraps around chunk 0.
+            if Some(ce.old_chunk.0) != last.old_chunk.0.checked_sub(n)
+                || Some(ce.new_chunk.0) != last.new_chunk.0.checked_sub(n)
+            {
+                break;
+            }
+            n += 1;
+        }
+        Ok(Some((last.old_chunk, last.new_chunk, n)))
+    }
+
+    /// `persistent_commit_merge`.
+    fn commit_merge(&mut self, nr_merged: u64) -> Result<(), StoreError> {
+        if !self.valid {
+            return Err(StoreError::Invalid);
+        }
+        if nr_merged > self.current_committed {
+            return Err(StoreError::Corrupt {
+                area: self.current_area,
+                slot: self.current_committed,
+                what: format!(
+                    "commit_merge of {nr_merged} exceptions, but the area holds only {}",
+                    self.current_committed
+                ),
+            });
+        }
+        for i in 0..nr_merged {
+            self.write_exception(self.current_committed - 1 - i, RawDiskException::default());
+        }
+        self.write_area_durably()?;
+        self.current_committed -= nr_merged;
+        // Approximate, as in the kernel: only usage() reads it from now on.
+        self.next_free =
+            Chunk(area_location(self.chunk_size, self.current_area).0 + self.current_committed + 1);
+        Ok(())
+    }
+
+    /// `persistent_drop_snapshot`: header `valid = 0`, plain write + flush.
+    fn drop_snapshot(&mut self) -> Result<(), StoreError> {
+        self.valid = false;
+        self.write_header()?;
+        self.cow.flush().map_err(StoreError::Flush)
+    }
+
+    /// `persistent_usage`.
+    fn usage(&self) -> Usage {
+        let cs = self.chunk_size.sectors();
+        Usage {
+            allocated: Sector(self.next_free.0.saturating_mul(cs)),
+            total: Sector::from_bytes(self.cow.len()),
+            metadata: Sector((self.current_area + 1 + NUM_SNAPSHOT_HDR_CHUNKS).saturating_mul(cs)),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use crate::io::testing::{Fault, FaultyDev, OpKind};
+    use crate::io::{BlockDev, MemDev};
+    use parking_lot::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    fn cs(sectors: u64) -> ChunkSize {
+        ChunkSize::from_sectors(sectors).unwrap()
+    }
+    fn de(o: u64, n: u64) -> DiskException {
+        DiskException {
+            old_chunk: Chunk(o),
+            new_chunk: Chunk(n),
+        }
+    }
+
+    /// What a device saw: `W(offset, len, fua)` or `F`.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Op {
+        W(u64, usize, bool),
+        F,
+    }
+
+    /// A MemDev that logs writes and flushes.
+    struct LogDev {
+        inner: MemDev,
+        log: Mutex<Vec<Op>>,
+    }
+    impl LogDev {
+        fn new(len: u64) -> Arc<Self> {
+            Arc::new(LogDev {
+                inner: MemDev::new(len),
+                log: Mutex::new(Vec::new()),
+            })
+        }
+        fn take(&self) -> Vec<Op> {
+            std::mem::take(&mut *self.log.lock())
+        }
+    }
+    impl BlockDev for LogDev {
+        fn len(&self) -> u64 {
+            self.inner.len()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64, f: WriteFlags) -> std::io::Result<()> {
+            self.log.lock().push(Op::W(offset, buf.len(), f.fua));
+            self.inner.write_at(buf, offset, f)
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            self.log.lock().push(Op::F);
+            Ok(())
+        }
+        fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+            self.inner.discard(offset, len)
+        }
+    }
+
+    fn load(cow: DevRef) -> (PersistentStore, Vec<DiskException>) {
+        let mut s = PersistentStore::open(cow, None, false).unwrap();
+        let mut v = Vec::new();
+        s.read_metadata(&mut |e| v.push(e)).unwrap();
+        (s, v)
+    }
+
+    /// Commit `e` and run the callbacks; returns how many ran and their results.
+    fn commit(s: &mut PersistentStore, e: DiskException) -> Vec<bool> {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let o = out.clone();
+        let done = s.commit_exception(e, true, Box::new(move |ok| o.lock().push(ok)));
+        let n = done.0.len();
+        done.run();
+        let v = out.lock().clone();
+        assert!(v.len() <= n);
+        v
+    }
+
+    /// Prepare and commit `n` exceptions one at a time; old = base + i.
+    fn fill(s: &mut PersistentStore, base: u64, n: u64) -> Vec<DiskException> {
+        (0..n)
+            .map(|i| {
+                let c = s.prepare_exception().unwrap();
+                let e = de(base + i, c.0);
+                let _ = commit(s, e);
+                e
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fresh_format_bytes_and_status() {
+        let dev = Arc::new(MemDev::new(16384 * 512));
+        let s = PersistentStore::open(dev.clone(), None, false).unwrap();
+        assert!(s.is_new_snapshot());
+        assert_eq!(s.chunk_size(), ChunkSize::DEFAULT);
+        assert_eq!(s.usage().to_string(), "16/16384 16");
+        let img = dev.snapshot();
+        assert_eq!(
+            &img[..16],
+            &[0x53, 0x6e, 0x41, 0x70, 1, 0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0]
+        );
+        assert!(img[16..].iter().all(|&b| b == 0));
+        let (s2, v) = load(dev);
+        assert!(!s2.is_new_snapshot());
+        assert!(s2.is_valid());
+        assert!(v.is_empty());
+        assert_eq!(s2.usage().to_string(), "16/16384 16");
+    }
+
+    #[test]
+    fn fresh_16k_status() {
+        let dev = Arc::new(MemDev::new(98304 * 512));
+        let s = PersistentStore::open(dev.clone(), Some(cs(32)), false).unwrap();
+        assert_eq!(s.usage().to_string(), "64/98304 64");
+        // The on-disk chunk size wins over a different request.
+        let s = PersistentStore::open(dev, Some(cs(8)), true).unwrap();
+        assert_eq!(s.chunk_size(), cs(32));
+        assert!(!s.is_new_snapshot());
+        assert_eq!(s.store_type(), StoreType::PersistentOverflow);
+    }
+
+    #[test]
+    fn format_overwrites_an_existing_store() {
+        let dev = Arc::new(MemDev::new(1 << 20));
+        let mut s = PersistentStore::open(dev.clone(), Some(cs(8)), false).unwrap();
+        fill(&mut s, 0, 10);
+        let s = PersistentStore::format(dev.clone(), cs(16)).unwrap();
+        assert!(s.is_new_snapshot());
+        let (s, v) = load(dev);
+        assert_eq!(s.chunk_size(), cs(16));
+        assert!(v.is_empty());
+    }
+
+    #[test]
+    fn refusals() {
+        // Too small for header + area 0 + one data chunk.
+        let dev = Arc::new(MemDev::new(2 * 4096));
+        assert!(matches!(
+            PersistentStore::open(dev, None, false),
+            Err(StoreError::TooSmall {
+                min_bytes: 12288,
+                ..
+            })
+        ));
+        let dev = Arc::new(MemDev::new(100));
+        assert!(matches!(
+            PersistentStore::open(dev, None, false),
+            Err(StoreError::TooSmall { .. })
+        ));
+        let dev = Arc::new(MemDev::new(1 << 20));
+        dev.write_at(b"XXXX", 0, WriteFlags::NONE).unwrap();
+        assert!(matches!(
+            PersistentStore::open(dev.clone(), None, false),
+            Err(StoreError::Header(HeaderError::BadMagic(_)))
+        ));
+        dev.write_at(&0x7041_6e53u32.to_le_bytes(), 0, WriteFlags::NONE)
+            .unwrap();
+        dev.write_at(&[2, 0, 0, 0, 8, 0, 0, 0], 8, WriteFlags::NONE)
+            .unwrap();
+        assert!(matches!(
+            PersistentStore::open(dev.clone(), None, false),
+            Err(StoreError::Header(HeaderError::BadVersion(2)))
+        ));
+        dev.write_at(&[1, 0, 0, 0, 3, 0, 0, 0], 8, WriteFlags::NONE)
+            .unwrap();
+        assert!(matches!(
+            PersistentStore::open(dev, None, false),
+            Err(StoreError::Header(HeaderError::BadChunkSize(_)))
+        ));
+    }
+
+    #[test]
+    fn allocation_skips_metadata() {
+        let dev = Arc::new(MemDev::new(4 << 20));
+        let mut s = PersistentStore::open(dev, None, false).unwrap();
+        let got: Vec<u64> = (0..300).map(|_| s.prepare_exception().unwrap().0).collect();
+        let want: Vec<u64> = (2..258).chain(259..303).collect();
+        assert_eq!(got, want);
+        assert_eq!(s.pending_count(), 300);
+    }
+
+    #[test]
+    fn group_commit_writes_once_per_batch() {
+        let dev = LogDev::new(4 << 20);
+        let mut s = PersistentStore::open(dev.clone(), None, false).unwrap();
+        dev.take();
+        let chunks: Vec<Chunk> = (0..5).map(|_| s.prepare_exception().unwrap()).collect();
+        let ran = Arc::new(AtomicUsize::new(0));
+        for (i, c) in chunks.iter().enumerate() {
+            let r = ran.clone();
+            let done = s.commit_exception(
+                de(100 + i as u64, c.0),
+                true,
+                Box::new(move |ok| {
+                    assert!(ok);
+                    r.fetch_add(1, Ordering::SeqCst);
+                }),
+            );
+            if i < 4 {
+                assert!(done.is_empty());
+                assert!(dev.take().is_empty(), "no I/O while exceptions are pending");
+            } else {
+                assert_eq!(done.0.len(), 5);
+                done.run();
+            }
+        }
+        assert_eq!(ran.load(Ordering::SeqCst), 5);
+        assert_eq!(dev.take(), vec![Op::F, Op::W(4096, 4096, true)]);
+        let (_, v) = load(dev);
+        assert_eq!(v.len(), 5);
+    }
+
+    #[test]
+    fn full_area_zeroes_the_next() {
+        let dev = LogDev::new(4 << 20);
+        // Garbage where area 1 will be.
+        dev.inner
+            .write_at(&[0xff; 4096], 258 * 4096, WriteFlags::NONE)
+            .unwrap();
+        let mut s = PersistentStore::open(dev.clone(), None, false).unwrap();
+        fill(&mut s, 0, 255);
+        dev.take();
+        let c = s.prepare_exception().unwrap();
+        assert_eq!(c, Chunk(257));
+        assert_eq!(commit(&mut s, de(999, 257)), vec![true]);
+        assert_eq!(
+            dev.take(),
+            vec![
+                Op::W(258 * 4096, 4096, false),
+                Op::F,
+                Op::W(4096, 4096, true)
+            ]
+        );
+        assert_eq!(s.current_area(), 1);
+        assert_eq!(s.current_committed(), 0);
+        assert_eq!(s.usage().to_string(), "2072/8192 24");
+        let (s2, v) = load(dev);
+        assert_eq!(v.len(), 256);
+        assert_eq!(s2.current_area(), 1);
+        assert_eq!(s2.usage().to_string(), "2072/8192 24");
+    }
+
+    #[test]
+    fn enospc_at_the_exact_boundary() {
+        let dev = Arc::new(MemDev::new(64 << 10));
+        let mut s = PersistentStore::open(dev.clone(), None, false).unwrap();
+        assert_eq!(s.usage().to_string(), "16/128 16");
+        for i in 0..14u64 {
+            let c = s.prepare_exception().unwrap();
+            let _ = commit(&mut s, de(i, c.0));
+            assert_eq!(s.usage().to_string(), format!("{}/128 16", 24 + 8 * i));
+        }
+        assert!(matches!(
+            s.prepare_exception(),
+            Err(StoreError::Full { .. })
+        ));
+        assert_eq!(s.usage().to_string(), "128/128 16");
+        s.drop_snapshot().unwrap();
+        let (s, v) = load(dev);
+        assert!(!s.is_valid());
+        assert!(v.is_empty(), "an invalid store yields no exceptions");
+        assert!(matches!(s.clone_err(), StoreError::Invalid));
+    }
+
+    impl PersistentStore {
+        fn clone_err(mut self) -> StoreError {
+            self.prepare_exception().unwrap_err()
+        }
+    }
+
+    #[test]
+    fn failed_copy_and_write_errors_invalidate() {
+        let dev = LogDev::new(1 << 20);
+        let mut s = PersistentStore::open(dev.clone(), None, false).unwrap();
+        let a = s.prepare_exception().unwrap();
+        let b = s.prepare_exception().unwrap();
+        dev.take();
+        let d = s.commit_exception(de(1, a.0), false, Box::new(|ok| assert!(!ok)));
+        assert!(d.is_empty());
+        let d = s.commit_exception(de(2, b.0), true, Box::new(|ok| assert!(!ok)));
+        assert_eq!(d.0.iter().map(|x| x.1).collect::<Vec<_>>(), [false, false]);
+        d.run();
+        assert!(dev.take().is_empty(), "an invalid store writes no metadata");
+        assert!(!s.is_valid());
+
+        let fd = Arc::new(FaultyDev::new(MemDev::new(1 << 20)));
+        let mut s = PersistentStore::open(fd.clone(), None, false).unwrap();
+        let a = s.prepare_exception().unwrap();
+        fd.add(Fault::Always {
+            kind: OpKind::Flush,
+        });
+        let d = s.commit_exception(de(1, a.0), true, Box::new(|ok| assert!(!ok)));
+        assert_eq!(d.0.len(), 1);
+        d.run();
+        assert!(!s.is_valid());
+        assert!(matches!(s.take_error(), Some(StoreError::Flush(_))));
+    }
+
+    /// Build a store with runs, then merge it down to nothing, reloading
+    /// after every step.
+    #[test]
+    fn merge_prepare_commit_steps_back() {
+        let dev = Arc::new(MemDev::new(4 << 20));
+        let mut s = PersistentStore::open(dev.clone(), None, false).unwrap();
+        // 300 exceptions: old chunks in runs of 7 (consecutive old and new),
+        // broken where old jumps; new chunks skip area 1 at 258.
+        let mut all = Vec::new();
+        for i in 0..300u64 {
+            let c = s.prepare_exception().unwrap();
+            let e = de((i / 7) * 1000 + i % 7, c.0);
+            let _ = commit(&mut s, e);
+            all.push(e);
+        }
+        assert_eq!(s.usage().to_string(), "2424/8192 24");
+        while let Some((old, new, n)) = s.prepare_merge().unwrap() {
+            let last = *all.last().unwrap();
+            assert_eq!((old, new), (last.old_chunk, last.new_chunk));
+            // The expected run: consecutive in both, within one area.
+            let area_start = if all.len() > 256 { 256 } else { 0 };
+            let mut want = 1;
+            while all.len() - want > area_start {
+                let p = all[all.len() - 1 - want];
+                if p.old_chunk.0 + want as u64 != old.0 || p.new_chunk.0 + want as u64 != new.0 {
+                    break;
+                }
+                want += 1;
+            }
+            assert_eq!(n, want as u64);
+            s.commit_merge(n).unwrap();
+            all.truncate(all.len() - n as usize);
+            let (r, v) = load(dev.clone());
+            assert_eq!(v, all);
+            assert_eq!(r.usage(), s.usage());
+            assert_eq!(r.current_area(), s.current_area());
+        }
+        assert!(all.is_empty());
+        assert_eq!(s.usage().to_string(), "16/8192 16");
+    }
+
+    #[test]
+    fn corrupt_records_are_refused() {
+        let c = cs(8);
+        let mk = |recs: &[DiskException], len: u64| {
+            let dev = Arc::new(MemDev::new(len));
+            PersistentStore::open(dev.clone(), Some(c), false).unwrap();
+            let area = crate::format::encode_area(recs, 4096);
+            dev.write_at(&area, 4096, WriteFlags::NONE).unwrap();
+            dev
+        };
+        let try_load = |dev: Arc<MemDev>| {
+            let mut s = PersistentStore::open(dev, None, false).unwrap();
+            s.read_metadata(&mut |_| {})
+        };
+        assert!(matches!(
+            try_load(mk(&[de(1, 2), de(2, 258)], 4 << 20)),
+            Err(StoreError::Corrupt {
+                area: 0,
+                slot: 1,
+                ..
+            })
+        ));
+        assert!(matches!(
+            try_load(mk(&[de(1, 2), de(2, 3), de(3, 16)], 64 << 10)),
+            Err(StoreError::Corrupt {
+                area: 0,
+                slot: 2,
+                ..
+            })
+        ));
+        // A full area 0 on a device that ends before area 1.
+        let full: Vec<_> = (0..256).map(|i| de(i, 2 + i)).collect();
+        assert!(matches!(
+            try_load(mk(&full, 258 * 4096)),
+            Err(StoreError::Corrupt {
+                area: 1,
+                slot: 0,
+                ..
+            })
+        ));
+        // The same with room for area 1 loads.
+        assert!(try_load(mk(&full, 259 * 4096)).is_ok());
+        // A read error in the walk.
+        let fd = Arc::new(FaultyDev::new(MemDev::new(4 << 20)));
+        PersistentStore::open(fd.clone(), None, false).unwrap();
+        fd.add(Fault::Range {
+            kind: OpKind::Read,
+            offset: 4096,
+            len: 1,
+        });
+        let mut s = PersistentStore::open(fd, None, false).unwrap();
+        assert!(matches!(
+            s.read_metadata(&mut |_| {}),
+            Err(StoreError::ReadArea { area: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn last_area_tail_is_not_carried_over() {
+        let dev = Arc::new(MemDev::new(1 << 20));
+        PersistentStore::open(dev.clone(), None, false).unwrap();
+        // Terminator at slot 1, a stale record at slot 2.
+        let area = crate::format::encode_area(&[de(7, 2), de(0, 0), de(8, 3)], 4096);
+        dev.write_at(&area, 4096, WriteFlags::NONE).unwrap();
+        let (mut s, v) = load(dev.clone());
+        assert_eq!(v, vec![de(7, 2)]);
+        let c = s.prepare_exception().unwrap();
+        assert_eq!(c, Chunk(3));
+        let _ = commit(&mut s, de(9, 3));
+        let (_, v) = load(dev);
+        assert_eq!(v, vec![de(7, 2), de(9, 3)]);
+    }
+
+    /// Model check: random batches of prepares/commits and merge steps; after
+    /// every operation a reload gives the same exceptions and status.
+    #[test]
+    fn reload_after_every_operation_gives_the_same_state() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for round in 0..4 {
+            let dev = Arc::new(MemDev::new(3 << 20));
+            let mut s = PersistentStore::open(dev.clone(), None, false).unwrap();
+            let mut model: Vec<DiskException> = Vec::new();
+            let mut old = 0u64;
+            for _ in 0..60 {
+                if rng.gen_bool(0.2) && !model.is_empty() {
+                    if let Some((_, _, n)) = s.prepare_merge().unwrap() {
+                        s.commit_merge(n).unwrap();
+                        model.truncate(model.len() - n as usize);
+                    }
+                } else {
+                    let batch = rng.gen_range(1..40);
+                    let mut prepared = Vec::new();
+                    for _ in 0..batch {
+                        match s.prepare_exception() {
+                            Ok(c) => prepared.push(c),
+                            Err(StoreError::Full { .. }) => break,
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    for c in prepared {
+                        old += rng.gen_range(1..3);
+                        let e = de(old, c.0);
+                        let _ = commit(&mut s, e);
+                        model.push(e);
+                    }
+                }
+                let (r, v) = load(dev.clone());
+                assert_eq!(v, model, "round {round}");
+                assert_eq!(r.usage(), s.usage(), "round {round}");
+                assert_eq!(r.current_area(), s.current_area());
+                assert_eq!(r.current_committed(), s.current_committed());
+            }
+        }
+    }
+
+    #[test]
+    fn prefetch_window_is_bounded() {
+        assert_eq!(prefetch::window(cs(8)), 13);
+        assert_eq!(prefetch::window(cs(1 << 21)), 1);
+    }
+}

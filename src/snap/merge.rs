@@ -1,0 +1,409 @@
+//! Snapshot merge (`snapshot-merge` target, §1.11): the origin shows the
+//! merging snapshot's content at once while a background thread copies its
+//! exceptions back, last run first, one I/O per run, durably recording the
+//! progress in the store (`commit_merge`) so a crash resumes.
+
+use super::origin::Origin;
+use super::snapshot::{pieces, Snapshot};
+use super::SnapError;
+use crate::copier::Region;
+use crate::device::DevError;
+use crate::io::WriteFlags;
+use crate::units::{Chunk, ChunkSize};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// Progress of the origin's merge.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MergeStatus {
+    pub name: String,
+    #[serde(skip)]
+    pub chunk_size: ChunkSize,
+    pub total_chunks_at_start: u64,
+    pub chunks_left: u64,
+    pub failed: Option<String>,
+    pub done: bool,
+}
+
+#[derive(Default)]
+pub(crate) struct MergeCtl {
+    status: Option<MergeStatus>,
+    thread: Option<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Origin {
+    /// Start merging snapshot `name` into the origin (or resume a stopped
+    /// merge of it). From the return on, the origin reads and writes as the
+    /// snapshot; the snapshot's own device answers `Gone`.
+    pub fn start_merge(self: &Arc<Self>, name: &str) -> Result<(), SnapError> {
+        let snap = self
+            .snapshot(name)
+            .ok_or_else(|| SnapError::NotFound(name.to_string()))?;
+        if !snap.store_type().is_persistent() {
+            return Err(SnapError::NotMergeable(
+                "only persistent (P/PO) snapshots can be merged".into(),
+            ));
+        }
+        let mut ctl = self.merge.lock();
+        if let Some(m) = self.merging.read().as_ref() {
+            if !Arc::ptr_eq(m, &snap) {
+                return Err(SnapError::AlreadyMerging);
+            }
+            if ctl.thread.as_ref().is_some_and(|t| !t.is_finished()) {
+                return Err(SnapError::AlreadyMerging);
+            }
+        }
+        {
+            let i = snap.inner.lock();
+            if !i.valid {
+                return Err(SnapError::NotMergeable("the snapshot is invalid".into()));
+            }
+        }
+        {
+            // The switch: no origin write in flight, none starts meanwhile.
+            let _g = self.gate.write();
+            snap.inner.lock().merging = true;
+            *self.merging.write() = Some(snap.clone());
+        }
+        // Its own device I/O and pending exceptions drain.
+        snap.wait_idle();
+        {
+            let mut i = snap.inner.lock();
+            i.merge_failed = false;
+        }
+        if let Some(t) = ctl.thread.take() {
+            let _ = t.join();
+        }
+        let total = snap.nr_exceptions();
+        ctl.status = Some(MergeStatus {
+            name: name.to_string(),
+            chunk_size: snap.chunk_size(),
+            total_chunks_at_start: total,
+            chunks_left: total,
+            failed: None,
+            done: false,
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        ctl.stop = stop.clone();
+        let origin = self.me.clone();
+        ctl.thread = Some(
+            std::thread::Builder::new()
+                .name(format!("dmsnap-merge-{name}"))
+                .spawn(move || {
+                    if let Some(o) = origin.upgrade() {
+                        o.merge_loop(&snap, &stop);
+                    }
+                })
+                .map_err(|source| SnapError::Io {
+                    what: "merge thread",
+                    source,
+                })?,
+        );
+        tracing::info!(snapshot = name, chunks = total, "merge started");
+        Ok(())
+    }
+
+    pub fn merge_status(&self) -> Option<MergeStatus> {
+        let ctl = self.merge.lock();
+        let mut st = ctl.status.clone()?;
+        if let Some(m) = self.merging.read().as_ref() {
+            if m.name() == st.name {
+                st.chunks_left = m.nr_exceptions();
+            }
+        }
+        Some(st)
+    }
+
+    /// Wait until the merge is done or failed (or was stopped).
+    pub fn wait_merge(&self) -> Result<(), SnapError> {
+        let mut ctl = self.merge.lock();
+        loop {
+            match &ctl.status {
+                None => return Ok(()),
+                Some(s) if s.done => return Ok(()),
+                Some(s) if s.failed.is_some() => {
+                    return Err(SnapError::MergeFailed(s.failed.clone().unwrap_or_default()))
+                }
+                _ => {}
+            }
+            if ctl.thread.as_ref().is_none_or(|t| t.is_finished())
+                && ctl.stop.load(Ordering::Acquire)
+            {
+                return Ok(());
+            }
+            self.merge_cond.wait(&mut ctl);
+        }
+    }
+
+    /// Stop the merge thread (shutdown). The origin keeps showing the
+    /// snapshot; `start_merge` of the same snapshot resumes.
+    pub fn stop_merge(&self) {
+        let t = {
+            let mut ctl = self.merge.lock();
+            ctl.stop.store(true, Ordering::Release);
+            ctl.thread.take()
+        };
+        if let Some(m) = self.merging.read().as_ref() {
+            m.cond.notify_all();
+        }
+        if let Some(t) = t {
+            let _ = t.join();
+        }
+        self.merge_cond.notify_all();
+    }
+
+    fn set_merge_result(&self, failed: Option<String>, done: bool) {
+        let mut ctl = self.merge.lock();
+        if let Some(s) = ctl.status.as_mut() {
+            s.failed = failed;
+            s.done = done;
+            if done {
+                s.chunks_left = 0;
+            }
+        }
+        drop(ctl);
+        self.merge_cond.notify_all();
+    }
+
+    fn merge_fail(&self, snap: &Snapshot, why: String) {
+        tracing::error!(snapshot = snap.name(), error = %why, "merge failed");
+        {
+            let mut i = snap.inner.lock();
+            i.merge_failed = true;
+            i.merging_range = None;
+        }
+        snap.cond.notify_all();
+        self.set_merge_result(Some(why), false);
+    }
+
+    /// `snapshot_merge_next_chunks` until the store is empty.
+    fn merge_loop(self: &Arc<Self>, snap: &Arc<Snapshot>, stop: &AtomicBool) {
+        let cs = snap.chunk_size();
+        loop {
+            if stop.load(Ordering::Acquire) {
+                self.merge_cond.notify_all();
+                return;
+            }
+            if !snap.inner.lock().valid {
+                return self.merge_fail(snap, "Snapshot is invalid: can't merge".into());
+            }
+            let next = snap.commit.lock().store.prepare_merge();
+            let (old, new, n) = match next {
+                Ok(None) => {
+                    tracing::info!(snapshot = snap.name(), "merge complete");
+                    return self.set_merge_result(None, true);
+                }
+                Ok(Some((o, nw, n))) => (o.0, nw.0, n),
+                Err(e) => {
+                    return self.merge_fail(snap, format!("reading the exception store: {e}"))
+                }
+            };
+            if n == 0 || n > old + 1 || n > new {
+                return self
+                    .merge_fail(snap, format!("bad merge run of {n} ending at {old}→{new}"));
+            }
+            let first_old = old + 1 - n;
+            let first_new = new + 1 - n;
+            let off = cs.chunk_to_byte(Chunk(first_old));
+            if off >= self.size() {
+                return self.merge_fail(
+                    snap,
+                    format!("exception for chunk {first_old} beyond the origin"),
+                );
+            }
+            let len = (n * cs.bytes()).min(self.size() - off);
+            // Exceptions on disk must be in memory too.
+            {
+                let i = snap.inner.lock();
+                for k in 0..n {
+                    if i.table.lookup(Chunk(first_old + k)) != Some(Chunk(first_new + k)) {
+                        drop(i);
+                        return self.merge_fail(
+                            snap,
+                            format!("Corruption detected: exception for block {} is on disk but not in memory", first_old + k),
+                        );
+                    }
+                }
+            }
+            {
+                let _g = self.gate.read();
+                // 1. Other snapshots keep their content: trigger their
+                // exceptions for the range as an origin write would.
+                let snaps = self.snapshots();
+                self.trigger_and_wait(&snaps, off, len);
+                // 2. Publish the range, wait for writes in flight to it.
+                let mut i = snap.inner.lock();
+                i.merging_range = Some((first_old, n));
+                while i
+                    .merge_writes
+                    .keys()
+                    .any(|&c| c >= first_old && c < first_old + n)
+                {
+                    snap.cond.wait(&mut i);
+                }
+            }
+            // 3. One copy for the whole run.
+            let res = self.copier.copy_sync(
+                Region {
+                    dev: snap.cow.clone(),
+                    offset: cs.chunk_to_byte(Chunk(first_new)),
+                    len,
+                },
+                vec![Region {
+                    dev: self.dev.clone(),
+                    offset: off,
+                    len,
+                }],
+            );
+            if !res.is_ok() {
+                return self.merge_fail(
+                    snap,
+                    format!(
+                        "copying chunks {first_old}..={old} back: {:?}",
+                        res.read_err.or(res.write_errs.into_iter().flatten().next())
+                    ),
+                );
+            }
+            // 4. Durable on the origin before the records go.
+            if let Err(e) = self.dev.flush() {
+                return self.merge_fail(snap, format!("flushing the origin: {e}"));
+            }
+            // 5. commit_merge: the cleared records are the resume point.
+            if let Err(e) = snap.commit.lock().store.commit_merge(n) {
+                return self.merge_fail(snap, format!("committing the merge: {e}"));
+            }
+            // 6. Forget them in memory, release writes queued on the range.
+            {
+                let mut i = snap.inner.lock();
+                i.table.remove_range(Chunk(first_old), n);
+                i.merging_range = None;
+            }
+            snap.cond.notify_all();
+        }
+    }
+
+    /// A read of the origin while merging: chunks with an exception come
+    /// from the COW, the rest from the origin (`snapshot_merge_map`).
+    pub(crate) fn merge_read(
+        &self,
+        snap: &Snapshot,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<(), DevError> {
+        let cs = snap.chunk_size();
+        let mut segs: Vec<(bool, u64, usize, usize)> = Vec::new();
+        {
+            let i = snap.inner.lock();
+            for (c, in_chunk, bo, n) in pieces(cs, offset, buf.len() as u64) {
+                let cow = if i.valid {
+                    i.table.lookup(Chunk(c))
+                } else {
+                    None
+                };
+                let (to_cow, dev_off) = match cow {
+                    Some(new) => (true, cs.chunk_to_byte(new) + in_chunk),
+                    None => (false, offset + bo as u64),
+                };
+                match segs.last_mut() {
+                    Some(l) if l.0 == to_cow && l.1 + l.3 as u64 == dev_off => l.3 += n,
+                    _ => segs.push((to_cow, dev_off, bo, n)),
+                }
+            }
+        }
+        for (to_cow, dev_off, bo, n) in segs {
+            let dev = if to_cow { &snap.cow } else { &self.dev };
+            dev.read_at(&mut buf[bo..bo + n], dev_off)?;
+        }
+        Ok(())
+    }
+
+    /// A write to the origin while merging: chunks with an exception go to
+    /// the COW (tracked; writes into the run being merged wait for its
+    /// commit, then go to the origin); the rest go to the origin through the
+    /// COW trigger of the other snapshots.
+    pub(crate) fn merge_write(
+        &self,
+        snap: &Snapshot,
+        buf: &[u8],
+        offset: u64,
+        fua: bool,
+    ) -> Result<(), DevError> {
+        let cs = snap.chunk_size();
+        let ps = pieces(cs, offset, buf.len() as u64);
+        let _g = self.gate.read();
+        let mut cow_segs: Vec<(u64, usize, usize)> = Vec::new();
+        let mut origin_segs: Vec<(u64, usize, usize)> = Vec::new();
+        let mut tracked = Vec::new();
+        {
+            let mut i = snap.inner.lock();
+            let mut waited = false;
+            loop {
+                let busy = match i.merging_range {
+                    Some((f, n)) => ps.iter().any(|p| p.0 >= f && p.0 < f + n),
+                    None => false,
+                };
+                if !busy {
+                    break;
+                }
+                waited = true;
+                snap.cond.wait(&mut i);
+            }
+            if waited && i.merge_failed {
+                return Err(DevError::MergeFailed);
+            }
+            for &(c, in_chunk, bo, n) in &ps {
+                let cow = if i.valid {
+                    i.table.lookup(Chunk(c))
+                } else {
+                    None
+                };
+                match cow {
+                    Some(new) => {
+                        *i.merge_writes.entry(c).or_insert(0) += 1;
+                        tracked.push(c);
+                        cow_segs.push((cs.chunk_to_byte(new) + in_chunk, bo, n));
+                    }
+                    None => match origin_segs.last_mut() {
+                        Some(l) if l.1 + l.2 == bo => l.2 += n,
+                        _ => origin_segs.push((offset + bo as u64, bo, n)),
+                    },
+                }
+            }
+        }
+        let mut res: Result<(), DevError> = Ok(());
+        for &(dev_off, bo, n) in &cow_segs {
+            if let Err(e) = snap
+                .cow
+                .write_at(&buf[bo..bo + n], dev_off, WriteFlags { fua })
+            {
+                res = Err(e.into());
+                break;
+            }
+        }
+        if !tracked.is_empty() {
+            let mut i = snap.inner.lock();
+            for c in tracked {
+                if let Some(k) = i.merge_writes.get_mut(&c) {
+                    *k -= 1;
+                    if *k == 0 {
+                        i.merge_writes.remove(&c);
+                    }
+                }
+            }
+            drop(i);
+            snap.cond.notify_all();
+        }
+        res?;
+        if !origin_segs.is_empty() {
+            let snaps = self.snapshots();
+            for &(dev_off, bo, n) in &origin_segs {
+                self.trigger_and_wait(&snaps, dev_off, n as u64);
+                self.dev
+                    .write_at(&buf[bo..bo + n], dev_off, WriteFlags { fua })?;
+            }
+        }
+        Ok(())
+    }
+}

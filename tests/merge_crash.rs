@@ -1,0 +1,182 @@
+//! Power loss at every write/flush of a merge, then resume from the durable
+//! images: the origin ends equal to the merged snapshot's content, and the
+//! other snapshot (which gets exceptions triggered by the merge's origin
+//! writes) keeps its content at every cut.
+
+use dmsnap::device::Device;
+use dmsnap::io::testing::CrashGroup;
+use dmsnap::io::{DevRef, MemDev};
+use dmsnap::snap::Origin;
+use dmsnap::store::StoreType;
+use dmsnap::units::ChunkSize;
+use std::sync::Arc;
+
+const ORIGIN: u64 = 512 * 1024;
+const COW: u64 = 2 << 20;
+
+fn fill(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn read_all(d: &dyn Device) -> Vec<u8> {
+    let mut b = vec![0; d.size() as usize];
+    d.read_at(&mut b, 0).unwrap();
+    b
+}
+
+fn raw_all(d: &DevRef) -> Vec<u8> {
+    let mut b = vec![0; d.len() as usize];
+    d.read_at(&mut b, 0).unwrap();
+    b
+}
+
+struct Images {
+    origin: Vec<u8>,
+    cow_a: Vec<u8>,
+    cow_b: Vec<u8>,
+    content_a: Vec<u8>,
+    content_b: Vec<u8>,
+}
+
+/// Origin + snapshot `a` (4 KiB chunks, runs and scattered exceptions from
+/// origin and snapshot writes) + snapshot `b` (16 KiB chunks, taken later).
+fn build() -> Images {
+    let origin_dev = Arc::new(MemDev::from_vec(fill(1, ORIGIN as usize)));
+    let cow_a = Arc::new(MemDev::new(COW));
+    let cow_b = Arc::new(MemDev::new(COW));
+    let o = Origin::new(origin_dev.clone() as DevRef);
+    let a = o
+        .add_snapshot(
+            "a",
+            cow_a.clone() as DevRef,
+            StoreType::Persistent,
+            Some(ChunkSize::DEFAULT),
+        )
+        .unwrap();
+    let mut r = 99u64;
+    let mut next = move || {
+        r = r
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        r >> 33
+    };
+    // A sequential run (one I/O to merge), then scattered writes.
+    o.write_at(&fill(2, 64 * 1024), 128 * 1024, false).unwrap();
+    a.write_at(&fill(3, 32 * 1024), 300 * 1024, false).unwrap();
+    for i in 0..40 {
+        let off = next() % (ORIGIN - 5000);
+        let len = 1 + (next() % 5000) as usize;
+        if i % 3 == 0 {
+            a.write_at(&fill(10 + i, len), off, false).unwrap();
+        } else {
+            o.write_at(&fill(10 + i, len), off, false).unwrap();
+        }
+    }
+    let b = o
+        .add_snapshot(
+            "b",
+            cow_b.clone() as DevRef,
+            StoreType::Persistent,
+            Some(ChunkSize::from_sectors(32).unwrap()),
+        )
+        .unwrap();
+    for i in 0..10 {
+        let off = next() % (ORIGIN - 5000);
+        b.write_at(&fill(100 + i, 3000), off, false).unwrap();
+    }
+    o.sync().unwrap();
+    Images {
+        content_a: read_all(&*a),
+        content_b: read_all(&*b),
+        origin: origin_dev.snapshot(),
+        cow_a: cow_a.snapshot(),
+        cow_b: cow_b.snapshot(),
+    }
+}
+
+#[test]
+fn merge_resumes_after_a_crash_at_every_write_and_flush() {
+    let img = build();
+    let mut total = None;
+    let mut k = 0;
+    loop {
+        let g = CrashGroup::new();
+        let od = g.device(img.origin.clone());
+        let ca = g.device(img.cow_a.clone());
+        let cb = g.device(img.cow_b.clone());
+        let o = Origin::new(od.clone() as DevRef);
+        o.add_snapshot("a", ca.clone() as DevRef, StoreType::Persistent, None)
+            .unwrap();
+        let b = o
+            .add_snapshot("b", cb.clone() as DevRef, StoreType::Persistent, None)
+            .unwrap();
+        let base = g.ops();
+        if total.is_some() {
+            g.crash_after(base + k);
+        }
+        o.start_merge("a").unwrap();
+        let res = o.wait_merge();
+        match total {
+            None => {
+                res.unwrap();
+                assert!(read_all(&*o) == img.content_a);
+                assert!(read_all(&*b) == img.content_b);
+                total = Some(g.ops() - base);
+                println!("merge write/flush ops: {}", g.ops() - base);
+                continue;
+            }
+            Some(t) => {
+                assert!(
+                    res.is_err() || k >= t,
+                    "cut {k}: the merge must fail after a power cut"
+                );
+            }
+        }
+        o.stop_merge();
+        // Resume from what survived.
+        let o2 = Origin::new(Arc::new(MemDev::from_vec(od.crash())));
+        o2.add_snapshot(
+            "a",
+            Arc::new(MemDev::from_vec(ca.crash())) as DevRef,
+            StoreType::Persistent,
+            None,
+        )
+        .unwrap_or_else(|e| panic!("cut {k}: reopening a: {e}"));
+        let b2 = o2
+            .add_snapshot(
+                "b",
+                Arc::new(MemDev::from_vec(cb.crash())) as DevRef,
+                StoreType::Persistent,
+                None,
+            )
+            .unwrap_or_else(|e| panic!("cut {k}: reopening b: {e}"));
+        assert!(
+            read_all(&*b2) == img.content_b,
+            "cut {k}: snapshot b changed"
+        );
+        o2.start_merge("a").unwrap();
+        assert!(
+            read_all(&*o2) == img.content_a,
+            "cut {k}: the origin does not show a while merging"
+        );
+        o2.wait_merge()
+            .unwrap_or_else(|e| panic!("cut {k}: resumed merge: {e}"));
+        assert!(raw_all(o2.dev()) == img.content_a, "cut {k}: merged origin");
+        assert!(
+            read_all(&*b2) == img.content_b,
+            "cut {k}: snapshot b changed after the merge"
+        );
+        k += 1;
+        if k > total.unwrap() {
+            break;
+        }
+    }
+}
