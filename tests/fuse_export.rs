@@ -3,6 +3,8 @@
 //! e2fsprogs (CI has them).
 #![cfg(feature = "fuse")]
 
+mod support;
+
 use dmsnap::device::{DevError, Device, ExportSet, PlainDevice, StaticExports};
 use dmsnap::export::fuse::bench::{self, FsMount, LoopDevice};
 use dmsnap::export::fuse::{mount, FuseError, FuseMount, FuseOptions};
@@ -69,7 +71,8 @@ fn ext4_on_a_loop_device_over_the_fuse_file_lands_in_the_backing_device() {
     std::fs::create_dir(&fuse_dir).unwrap();
 
     let dev = FileDev::create_sparse(&image, 256 * MIB, OpenOptions::default()).unwrap();
-    let exports = StaticExports::new().with("origin", Arc::new(PlainDevice::new(dev, false)));
+    let dev = Arc::new(Counting::wrap(Arc::new(PlainDevice::new(dev, false))));
+    let exports = StaticExports::new().with("origin", dev.clone());
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let files: Vec<(String, Vec<u8>)> = (0..6)
         .map(|i| {
@@ -93,6 +96,10 @@ fn ext4_on_a_loop_device_over_the_fuse_file_lands_in_the_backing_device() {
             .output()
             .unwrap();
         assert!(out.status.success(), "{out:?}");
+        assert!(
+            dev.discards.load(Ordering::SeqCst) > 0,
+            "mkfs discards reach Device::discard"
+        );
         assert_fsck_clean(lo.path());
 
         let fs = FsMount::mount(lo.path(), &fs_dir, "ext4").unwrap();
@@ -119,7 +126,7 @@ fn ext4_on_a_loop_device_over_the_fuse_file_lands_in_the_backing_device() {
 
 /// A device that counts the calls the tests care about.
 struct Counting {
-    inner: PlainDevice<MemDev>,
+    inner: Arc<dyn Device>,
     discards: AtomicUsize,
     zeroes: AtomicUsize,
     flushes: AtomicUsize,
@@ -130,8 +137,11 @@ struct Counting {
 
 impl Counting {
     fn new(len: u64) -> Self {
+        Self::wrap(mem_export(len))
+    }
+    fn wrap(inner: Arc<dyn Device>) -> Self {
         Counting {
-            inner: PlainDevice::new(MemDev::new(len), false),
+            inner,
             discards: AtomicUsize::new(0),
             zeroes: AtomicUsize::new(0),
             flushes: AtomicUsize::new(0),
@@ -233,6 +243,14 @@ fn fallocate_and_fsync_reach_discard_write_zeroes_and_flush() {
     let before = dev.flushes.load(Ordering::SeqCst);
     drop(f);
     assert!(dev.flushes.load(Ordering::SeqCst) > before, "close → flush");
+
+    // fsync on the directory flushes every export.
+    let before = dev.flushes.load(Ordering::SeqCst);
+    File::open(m.dir()).unwrap().sync_all().unwrap();
+    assert!(
+        dev.flushes.load(Ordering::SeqCst) > before,
+        "fsyncdir → flush"
+    );
 
     // O_DSYNC writes are FUA writes; plain ones are not.
     assert_eq!(dev.fua_writes.load(Ordering::SeqCst), 0);
@@ -806,4 +824,138 @@ fn device_errors_reach_the_client_as_their_errno() {
     assert_eq!(errno(fallocate(&f, zero, 0, 4096)), Some(libc::EIO));
     drop(f);
     m.unmount().unwrap();
+}
+
+#[test]
+fn unmount_after_an_external_umount_is_ok() {
+    let exports: Arc<dyn ExportSet> =
+        Arc::new(StaticExports::new().with("origin", mem_export(MIB)));
+    let (_tmp, m) = mount_dir(exports, FuseOptions::default());
+    let dir = m.dir().to_path_buf();
+    bench::run(Command::new("umount").arg(&dir)).unwrap();
+    assert!(!is_mounted(&dir));
+    m.unmount().expect("nothing left to unmount");
+}
+
+/// After the daemon is gone: make sure nothing stays mounted on `dir`, even
+/// if the daemon died without unmounting.
+struct UmountOnDrop(PathBuf);
+
+impl Drop for UmountOnDrop {
+    fn drop(&mut self) {
+        if is_mounted(&self.0) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
+fn assert_bytes(path: &Path, offset: u64, len: usize, byte: u8) {
+    let f = File::open(path).unwrap();
+    let mut buf = vec![!byte; len];
+    f.read_exact_at(&mut buf, offset).unwrap();
+    assert!(
+        buf.iter().all(|&b| b == byte),
+        "{} at {offset}+{len} is not all {byte:#x}",
+        path.display()
+    );
+}
+
+#[test]
+fn the_daemon_serves_origin_and_snapshots_as_files() {
+    use support::{ok, Daemon};
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path().join("pool");
+    let ps = p.to_str().unwrap();
+    let dir = t.path().join("fuse");
+    let fs_dir = t.path().join("fs");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::create_dir(&fs_dir).unwrap();
+    let dir = dir.canonicalize().unwrap();
+    ok(&["create", ps, "--size", "64M"]);
+    ok(&["snapshot", "create", ps, "before"]);
+
+    let _cleanup = UmountOnDrop(dir.clone());
+    let d = Daemon::start(&p, &["--fuse", dir.to_str().unwrap()]);
+    assert_eq!(listing(&dir), ["before", "origin"]);
+    assert_eq!(
+        std::fs::metadata(dir.join("origin")).unwrap().len(),
+        64 * MIB
+    );
+
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("origin"))
+        .unwrap();
+    f.write_all_at(&vec![0xAB; MIB as usize], 0).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    assert_bytes(&dir.join("origin"), 0, MIB as usize, 0xAB);
+    assert_bytes(&dir.join("before"), 0, MIB as usize, 0);
+
+    // A snapshot taken online appears as a file at once.
+    ok(&["snapshot", "create", ps, "after"]);
+    assert_eq!(listing(&dir), ["after", "before", "origin"]);
+    assert_bytes(&dir.join("after"), 0, MIB as usize, 0xAB);
+
+    // ext4 through a loop device on the origin; the snapshots keep their view.
+    {
+        let lo = LoopDevice::attach_prefer_direct(&dir.join("origin")).unwrap();
+        bench::run_mkfs(lo.path()).unwrap();
+        let fs = FsMount::mount(lo.path(), &fs_dir, "ext4").unwrap();
+        std::fs::write(fs.dir().join("hello"), b"hello through dm-snapshot").unwrap();
+        fs.unmount().unwrap();
+        assert_fsck_clean(lo.path());
+        lo.detach().unwrap();
+    }
+    assert_bytes(&dir.join("after"), 0, MIB as usize, 0xAB);
+    assert_bytes(&dir.join("before"), 0, MIB as usize, 0);
+
+    ok(&["snapshot", "remove", ps, "after"]);
+    assert_eq!(listing(&dir), ["before", "origin"]);
+    assert_eq!(
+        std::fs::metadata(dir.join("after"))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::ENOENT)
+    );
+
+    assert!(d.stop().success(), "daemon exits 0 on SIGTERM");
+    assert!(!is_mounted(&dir), "the daemon unmounted its FUSE export");
+}
+
+#[test]
+fn the_daemon_serves_read_only_snapshots_when_asked() {
+    use support::{ok, Daemon};
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path().join("pool");
+    let ps = p.to_str().unwrap();
+    let dir = t.path().join("fuse");
+    std::fs::create_dir(&dir).unwrap();
+    let dir = dir.canonicalize().unwrap();
+    ok(&["create", ps, "--size", "16M"]);
+    ok(&["snapshot", "create", ps, "s1"]);
+    let _cleanup = UmountOnDrop(dir.clone());
+    let d = Daemon::start(
+        &p,
+        &["--fuse", dir.to_str().unwrap(), "--read-only-snapshots"],
+    );
+    let e = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("s1"))
+        .unwrap_err();
+    assert!(
+        matches!(
+            e.raw_os_error(),
+            Some(libc::EROFS) | Some(libc::EACCES) | Some(libc::EPERM)
+        ),
+        "{e}"
+    );
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("origin"))
+        .unwrap()
+        .write_all_at(b"origin stays writable", 0)
+        .unwrap();
+    assert!(d.stop().success());
+    assert!(!is_mounted(&dir));
 }

@@ -140,8 +140,8 @@ pub fn mount(
     dir: &Path,
     opts: FuseOptions,
 ) -> Result<FuseMount, FuseError> {
-    check_available(Path::new(DEV_FUSE))?;
     let dir = check_mountpoint(dir)?;
+    check_available(Path::new(DEV_FUSE))?;
 
     let mut config = Config::default();
     config.mount_options = vec![
@@ -158,6 +158,7 @@ pub fn mount(
         SessionACL::Owner
     };
     config.n_threads = Some(opts.threads.max(1));
+    // One /dev/fuse descriptor per request thread.
     config.clone_fd = true;
 
     let fs = ExportFs::new(exports, &opts);
@@ -211,6 +212,13 @@ impl FuseMount {
                     "FUSE export busy (a loop device or process still has a file open): \
                      lazily unmounted; it is served until the last user closes it"
                 );
+                Ok(())
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                // Not a mount point any more: someone ran `umount DIR`, and
+                // the request threads ended when the kernel closed the
+                // connection.
+                tracing::info!(dir = %self.dir.display(), "FUSE export was already unmounted");
                 Ok(())
             }
             Err(source) => Err(FuseError::Unmount {
@@ -277,7 +285,9 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// FUSE needs /dev/fuse, and unprivileged mounts need fusermount3.
+/// FUSE needs /dev/fuse openable by this process (fuser opens it itself even
+/// for unprivileged mounts, and once more per request thread), and
+/// unprivileged mounts need fusermount3.
 fn check_available(dev_fuse: &Path) -> Result<(), FuseError> {
     let meta = std::fs::metadata(dev_fuse).map_err(|e| FuseError::Unavailable {
         reason: "/dev/fuse is missing (load the fuse module: modprobe fuse)",
@@ -295,7 +305,8 @@ fn check_available(dev_fuse: &Path) -> Result<(), FuseError> {
         .open(dev_fuse)
     {
         return Err(FuseError::Unavailable {
-            reason: "/dev/fuse cannot be opened for reading and writing",
+            reason: "/dev/fuse cannot be opened for reading and writing by this user \
+                     (it is normally mode 0666)",
             source: Some(e),
         });
     }
