@@ -12,10 +12,7 @@ use libfuzzer_sys::fuzz_target;
 fn dump_json(dev: &MemDev) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     dump(
-        &DumpOptions {
-            dev,
-            format: DumpFormat::Json,
-        },
+        &DumpOptions::new(dev, DumpFormat::Json),
         &mut out,
     )
     .ok()?;
@@ -31,10 +28,7 @@ fuzz_target!(|data: &[u8]| {
     let report = check(&CheckOptions::new(&dev));
     let mut human = Vec::new();
     let _ = dump(
-        &DumpOptions {
-            dev: &dev,
-            format: DumpFormat::Human,
-        },
+        &DumpOptions::new(&dev, DumpFormat::Human),
         &mut human,
     );
     let Some(json) = dump_json(&dev) else {
