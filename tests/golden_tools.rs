@@ -77,14 +77,7 @@ fn cow_bytes(g: &GoldenCow) -> Vec<u8> {
 
 fn dump_json_of(dev: &dyn BlockDev) -> String {
     let mut out = Vec::new();
-    dump(
-        &DumpOptions {
-            dev,
-            format: DumpFormat::Json,
-        },
-        &mut out,
-    )
-    .expect("dump");
+    dump(&DumpOptions::new(dev, DumpFormat::Json), &mut out).expect("dump");
     String::from_utf8(out).expect("utf-8")
 }
 
@@ -150,14 +143,7 @@ fn human_dump_body_is_the_exceptions_txt() {
     for g in &GOLDEN {
         let dev = MemDev::from_vec(cow_bytes(g));
         let mut out = Vec::new();
-        dump(
-            &DumpOptions {
-                dev: &dev,
-                format: DumpFormat::Human,
-            },
-            &mut out,
-        )
-        .expect("dump");
+        dump(&DumpOptions::new(&dev, DumpFormat::Human), &mut out).expect("dump");
         let text = String::from_utf8(out).unwrap();
         let body = &text[text.find("# old_chunk").expect("records header")..];
         let want =
@@ -637,14 +623,7 @@ fn unreadable_next_area_is_reported() {
     assert_eq!((errs[0].area, errs[0].chunk), (Some(3), Some(772)));
     // dump still lists what it could and says the list is incomplete.
     let mut out = Vec::new();
-    let rep = dump(
-        &DumpOptions {
-            dev: &dev,
-            format: DumpFormat::Json,
-        },
-        &mut out,
-    )
-    .unwrap();
+    let rep = dump(&DumpOptions::new(&dev, DumpFormat::Json), &mut out).unwrap();
     assert!(rep.incomplete.is_some());
     assert_eq!(rep.summary.exceptions, 768);
 }
@@ -691,7 +670,7 @@ fn run_everything(bytes: Vec<u8>) {
     let dev = MemDev::from_vec(bytes);
     let _ = check(&CheckOptions::new(&dev));
     for format in [DumpFormat::Human, DumpFormat::Json] {
-        let _ = dump(&DumpOptions { dev: &dev, format }, &mut io::sink());
+        let _ = dump(&DumpOptions::new(&dev, format), &mut io::sink());
     }
 }
 
@@ -771,5 +750,52 @@ fn extreme_chunk_numbers_do_not_overflow() {
         // The dump of it is refused by restore (it would need > 2^64 bytes).
         let doc = DumpDoc::parse(dump_json_of(&MemDev::from_vec(img)).as_bytes()).unwrap();
         assert!(doc.plan().is_err());
+    }
+}
+
+#[test]
+fn readahead_depth_does_not_change_results() {
+    let mut truncated = golden4k();
+    truncated.truncate(770 * CB);
+    let mut dup = golden4k();
+    let (old03, _) = read_rec(&dup, 0, 3);
+    let (_, n) = read_rec(&dup, 2, 17);
+    set_rec(&mut dup, 2, 17, old03, n);
+    let images: Vec<Vec<u8>> = GOLDEN
+        .iter()
+        .map(cow_bytes)
+        .chain([truncated, dup])
+        .collect();
+    for img in images {
+        let dev = MemDev::from_vec(img);
+        let mut reports = Vec::new();
+        let mut dumps = Vec::new();
+        for depth in [0, 1, 3, 12] {
+            let mut o = CheckOptions::new(&dev);
+            o.readahead = depth;
+            let r = check(&o).unwrap();
+            reports.push((r.findings, r.exceptions, r.dm_status));
+            let mut d = DumpOptions::new(&dev, DumpFormat::Human);
+            d.readahead = depth;
+            let mut out = Vec::new();
+            dump(&d, &mut out).unwrap();
+            dumps.push(out);
+        }
+        assert!(reports.windows(2).all(|w| w[0] == w[1]));
+        assert!(dumps.windows(2).all(|w| w[0] == w[1]));
+    }
+    // An unreadable area reached through the read-ahead path.
+    let at = 772 * CB as u64;
+    let dev = FailingRange {
+        inner: MemDev::from_vec(golden4k()),
+        bad: at..at + 512,
+    };
+    for depth in [0, 12] {
+        let mut o = CheckOptions::new(&dev);
+        o.readahead = depth;
+        let r = check(&o).unwrap();
+        let errs = errors(&r);
+        assert_eq!(errs.len(), 1, "depth {depth}: {errs:?}");
+        assert_eq!((errs[0].area, errs[0].chunk), (Some(3), Some(772)));
     }
 }

@@ -9,16 +9,18 @@ use dmsnap::tools::dump::{dump, DumpFormat, DumpOptions};
 use dmsnap::tools::restore::{write_metadata, DumpDoc};
 use libfuzzer_sys::fuzz_target;
 
+// Single-threaded walks (readahead 0): the read-ahead threads' TLS
+// destructors show up as a 32-byte LeakSanitizer false positive. That the
+// read-ahead path gives identical results is tested in tests/golden_tools.rs.
+fn opts(dev: &MemDev, format: DumpFormat) -> DumpOptions<'_> {
+    let mut o = DumpOptions::new(dev, format);
+    o.readahead = 0;
+    o
+}
+
 fn dump_json(dev: &MemDev) -> Option<Vec<u8>> {
     let mut out = Vec::new();
-    dump(
-        &DumpOptions {
-            dev,
-            format: DumpFormat::Json,
-        },
-        &mut out,
-    )
-    .ok()?;
+    dump(&opts(dev, DumpFormat::Json), &mut out).ok()?;
     Some(out)
 }
 
@@ -28,21 +30,21 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let dev = MemDev::from_vec(data.to_vec());
-    let report = check(&CheckOptions::new(&dev));
+    let mut copts = CheckOptions::new(&dev);
+    copts.readahead = 0;
+    let report = check(&copts);
     let mut human = Vec::new();
-    let _ = dump(
-        &DumpOptions {
-            dev: &dev,
-            format: DumpFormat::Human,
-        },
-        &mut human,
-    );
+    let _ = dump(&opts(&dev, DumpFormat::Human), &mut human);
     let Some(json) = dump_json(&dev) else {
         return;
     };
     let doc = DumpDoc::parse(&json).expect("dump --json output always parses");
     if let Ok(r) = &report {
-        assert_eq!(r.exceptions, doc.exceptions.len() as u64, "check and dump disagree");
+        assert_eq!(
+            r.exceptions,
+            doc.exceptions.len() as u64,
+            "check and dump disagree"
+        );
     }
     // Only a consistent record list can be restored.
     let Ok(plan) = doc.plan() else {

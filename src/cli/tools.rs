@@ -20,6 +20,13 @@ pub struct DumpArgs {
     /// the input of `dmsnap restore`.
     #[arg(long)]
     pub json: bool,
+    /// Read with O_DIRECT, bypassing the page cache (for the COW of a live
+    /// kernel snapshot, whose metadata the page cache may hold stale).
+    #[arg(long)]
+    pub direct: bool,
+    /// Metadata areas to read ahead in parallel (0: one at a time).
+    #[arg(long, hide = true, default_value_t = dmsnap::format::DM_PREFETCH_CHUNKS)]
+    pub readahead: usize,
 }
 
 /// Arguments of `dmsnap check`.
@@ -30,6 +37,13 @@ pub struct CheckArgs {
     /// Never draw a progress bar.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Read with O_DIRECT, bypassing the page cache (for the COW of a live
+    /// kernel snapshot, whose metadata the page cache may hold stale).
+    #[arg(long)]
+    pub direct: bool,
+    /// Metadata areas to read ahead in parallel (0: one at a time).
+    #[arg(long, hide = true, default_value_t = dmsnap::format::DM_PREFETCH_CHUNKS)]
+    pub readahead: usize,
 }
 
 /// Arguments of `dmsnap restore`.
@@ -50,12 +64,12 @@ fn tool_failure(e: ToolError) -> Failure {
     }
 }
 
-fn open_ro(path: &Path) -> Result<FileDev, Failure> {
+fn open_ro(path: &Path, direct: bool) -> Result<FileDev, Failure> {
     FileDev::open(
         path,
         OpenOptions {
             read_only: true,
-            direct: false,
+            direct,
         },
     )
     .map_err(|source| {
@@ -67,17 +81,16 @@ fn open_ro(path: &Path) -> Result<FileDev, Failure> {
 }
 
 pub fn dump(a: DumpArgs) -> CmdResult {
-    let dev = open_ro(&a.cow)?;
+    let dev = open_ro(&a.cow, a.direct)?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
-    let opts = DumpOptions {
-        dev: &dev,
-        format: if a.json {
-            DumpFormat::Json
-        } else {
-            DumpFormat::Human
-        },
+    let format = if a.json {
+        DumpFormat::Json
+    } else {
+        DumpFormat::Human
     };
+    let mut opts = DumpOptions::new(&dev, format);
+    opts.readahead = a.readahead;
     match dump_cow(&opts, &mut out) {
         Ok(report) => {
             if let Some(inc) = report.incomplete {
@@ -94,7 +107,7 @@ pub fn dump(a: DumpArgs) -> CmdResult {
 }
 
 pub fn check(a: CheckArgs) -> CmdResult {
-    let dev = open_ro(&a.cow)?;
+    let dev = open_ro(&a.cow, a.direct)?;
     let progress = Progress::new();
     let mode = if a.quiet {
         ProgressMode::Off
@@ -107,6 +120,7 @@ pub fn check(a: CheckArgs) -> CmdResult {
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut opts = CheckOptions::new(&dev);
     opts.progress = Some(progress);
+    opts.readahead = a.readahead;
     let r = check_with(&opts, &mut |f| {
         writeln!(out, "{f}").map_err(ToolError::Output)
     });

@@ -20,9 +20,10 @@
 //! device size / 16 (the records must fit in areas inside the device), and
 //! the allocation is fallible.
 
-use super::{walk_metadata, Event, RawHeaderFields, SummaryBuilder, ToolError, WalkEnd};
+use super::{walk_metadata, Event, RawHeaderFields, SummaryBuilder, ToolError, WalkEnd, WalkOpts};
 use crate::format::{
-    area_location, exceptions_per_area, is_metadata_chunk, SNAPSHOT_DISK_VERSION, SNAP_MAGIC,
+    area_location, exceptions_per_area, is_metadata_chunk, DM_PREFETCH_CHUNKS,
+    SNAPSHOT_DISK_VERSION, SNAP_MAGIC,
 };
 use crate::io::BlockDev;
 use crate::report::Progress;
@@ -202,6 +203,9 @@ pub struct CheckOptions<'a> {
     /// Keep at most this many findings in [`CheckReport::findings`] (all are
     /// counted and all go to the sink of [`check_with`]).
     pub max_kept_findings: usize,
+    /// Metadata areas read ahead in parallel (the kernel prefetches
+    /// [`DM_PREFETCH_CHUNKS`]); 0 reads one area at a time.
+    pub readahead: usize,
 }
 
 impl<'a> CheckOptions<'a> {
@@ -210,6 +214,7 @@ impl<'a> CheckOptions<'a> {
             dev,
             progress: None,
             max_kept_findings: 10_000,
+            readahead: DM_PREFETCH_CHUNKS,
         }
     }
 }
@@ -359,7 +364,12 @@ impl Checker<'_> {
         let mut result: Result<(), ToolError> = Ok(());
         let mut records: u64 = 0;
         let progress = opts.progress.as_deref();
-        let end = walk_metadata(dev, cs, true, progress, &mut |ev| {
+        let walk = WalkOpts {
+            scan_tail: true,
+            progress,
+            readahead: opts.readahead,
+        };
+        let end = walk_metadata(dev, cs, walk, &mut |ev| {
             match self.pass1_event(ev, cs, dev_chunks, record_severity, &mut sb) {
                 Ok(Some((old, idx))) => {
                     records += 1;
@@ -408,7 +418,12 @@ impl Checker<'_> {
         let mut idx = 0u64;
         let base = len;
         let p2 = opts.progress.clone();
-        walk_metadata(dev, cs, false, None, &mut |ev| {
+        let walk = WalkOpts {
+            scan_tail: false,
+            progress: None,
+            readahead: opts.readahead,
+        };
+        walk_metadata(dev, cs, walk, &mut |ev| {
             if let Event::Record { exception, .. } = ev {
                 if index.len() < index.capacity() {
                     index.push((exception.new_chunk.0, idx));

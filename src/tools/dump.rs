@@ -12,7 +12,9 @@
 //!  "exceptions_per_area": 256, "areas_used": 1, "next_free_chunk": 4, "cow_size": 65536}
 //! ```
 
-use super::{walk_metadata, Event, RawHeaderFields, StoreSummary, SummaryBuilder, ToolError};
+use super::{
+    walk_metadata, Event, RawHeaderFields, StoreSummary, SummaryBuilder, ToolError, WalkOpts,
+};
 use crate::format::exceptions_per_area;
 use crate::io::BlockDev;
 use crate::units::ChunkSize;
@@ -33,6 +35,19 @@ pub struct DumpOptions<'a> {
     /// The COW device.
     pub dev: &'a dyn BlockDev,
     pub format: DumpFormat,
+    /// Metadata areas read ahead in parallel (0: one at a time).
+    pub readahead: usize,
+}
+
+impl<'a> DumpOptions<'a> {
+    /// Options with the kernel's read-ahead depth.
+    pub fn new(dev: &'a dyn BlockDev, format: DumpFormat) -> Self {
+        DumpOptions {
+            dev,
+            format,
+            readahead: crate::format::DM_PREFETCH_CHUNKS,
+        }
+    }
 }
 
 /// What was dumped.
@@ -79,18 +94,26 @@ pub fn dump(opts: &DumpOptions<'_>, out: &mut dyn Write) -> Result<DumpReport, T
     let dev = opts.dev;
     let header = RawHeaderFields::read(dev)?;
     let cs = header.validate()?;
+    let walk = WalkOpts {
+        readahead: opts.readahead,
+        ..WalkOpts::default()
+    };
     match opts.format {
-        DumpFormat::Human => dump_human(dev, header, cs, out),
-        DumpFormat::Json => dump_json(dev, header, cs, out),
+        DumpFormat::Human => dump_human(dev, header, cs, walk, out),
+        DumpFormat::Json => dump_json(dev, header, cs, walk, out),
     }
 }
 
 /// One pass that only counts (for the human header block, which comes
 /// before the records).
-fn summarise(dev: &dyn BlockDev, cs: ChunkSize) -> (StoreSummary, Option<Incomplete>) {
+fn summarise(
+    dev: &dyn BlockDev,
+    cs: ChunkSize,
+    walk: WalkOpts<'_>,
+) -> (StoreSummary, Option<Incomplete>) {
     let mut sb = SummaryBuilder::new(cs);
     let mut incomplete = None;
-    walk_metadata(dev, cs, false, None, &mut |ev| {
+    walk_metadata(dev, cs, walk, &mut |ev| {
         match ev {
             Event::Record { exception, .. } => sb.add(&exception),
             Event::AreaBeyondEnd { area, .. } => {
@@ -110,9 +133,10 @@ fn dump_human(
     dev: &dyn BlockDev,
     header: RawHeaderFields,
     cs: ChunkSize,
+    walk: WalkOpts<'_>,
     out: &mut dyn Write,
 ) -> Result<DumpReport, ToolError> {
-    let (summary, incomplete) = summarise(dev, cs);
+    let (summary, incomplete) = summarise(dev, cs, walk);
     let usage = summary.usage(cs, dev.len());
     let w = |out: &mut dyn Write, s: std::fmt::Arguments<'_>| -> Result<(), ToolError> {
         out.write_fmt(s).map_err(ToolError::Output)
@@ -160,7 +184,7 @@ fn dump_human(
     }
     w(out, format_args!("# old_chunk new_chunk area\n"))?;
     let mut result = Ok(());
-    walk_metadata(dev, cs, false, None, &mut |ev| {
+    walk_metadata(dev, cs, walk, &mut |ev| {
         if let Event::Record {
             area, exception, ..
         } = ev
@@ -190,6 +214,7 @@ fn dump_json(
     dev: &dyn BlockDev,
     header: RawHeaderFields,
     cs: ChunkSize,
+    walk: WalkOpts<'_>,
     out: &mut dyn Write,
 ) -> Result<DumpReport, ToolError> {
     let o = |out: &mut dyn Write, s: std::fmt::Arguments<'_>| -> Result<(), ToolError> {
@@ -209,7 +234,7 @@ fn dump_json(
     let mut incomplete = None;
     let mut result = Ok(());
     let mut first = true;
-    walk_metadata(dev, cs, false, None, &mut |ev| {
+    walk_metadata(dev, cs, walk, &mut |ev| {
         match ev {
             Event::Record { exception, .. } => {
                 sb.add(&exception);
@@ -289,14 +314,7 @@ mod tests {
     fn json_shape_is_cli_md() {
         let dev = store(&[(0, 2), (2, 3)], true, 16);
         let mut out = Vec::new();
-        let r = dump(
-            &DumpOptions {
-                dev: &dev,
-                format: DumpFormat::Json,
-            },
-            &mut out,
-        )
-        .unwrap();
+        let r = dump(&DumpOptions::new(&dev, DumpFormat::Json), &mut out).unwrap();
         assert_eq!(r.summary.exceptions, 2);
         assert_eq!(r.summary.next_free, 4);
         let s = String::from_utf8(out).unwrap();
@@ -326,26 +344,12 @@ mod tests {
     fn empty_and_invalid_stores() {
         let dev = store(&[], false, 16);
         let mut out = Vec::new();
-        dump(
-            &DumpOptions {
-                dev: &dev,
-                format: DumpFormat::Json,
-            },
-            &mut out,
-        )
-        .unwrap();
+        dump(&DumpOptions::new(&dev, DumpFormat::Json), &mut out).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["valid"], false);
         assert_eq!(v["exceptions"], serde_json::json!([]));
         let mut out = Vec::new();
-        dump(
-            &DumpOptions {
-                dev: &dev,
-                format: DumpFormat::Human,
-            },
-            &mut out,
-        )
-        .unwrap();
+        dump(&DumpOptions::new(&dev, DumpFormat::Human), &mut out).unwrap();
         let s = String::from_utf8(out).unwrap();
         assert!(s.contains("status: Invalid\n"), "{s}");
     }
@@ -356,14 +360,7 @@ mod tests {
         let recs: Vec<_> = (0..256).map(|i| (i, i + 2)).collect();
         let dev = store(&recs, true, 258);
         let mut out = Vec::new();
-        let r = dump(
-            &DumpOptions {
-                dev: &dev,
-                format: DumpFormat::Human,
-            },
-            &mut out,
-        )
-        .unwrap();
+        let r = dump(&DumpOptions::new(&dev, DumpFormat::Human), &mut out).unwrap();
         assert_eq!(r.incomplete, Some(Incomplete::AreaBeyondEnd { area: 1 }));
         assert_eq!(r.summary.exceptions, 256);
     }

@@ -220,50 +220,82 @@ pub(crate) enum WalkEnd {
 /// pieces so memory stays bounded whatever the header claims.
 const PIECE_BYTES: u64 = 1 << 20;
 
+/// How to walk.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct WalkOpts<'a> {
+    /// Also read the slots after the terminator (to count non-zero ones).
+    pub scan_tail: bool,
+    /// Set to the byte position reached.
+    pub progress: Option<&'a Progress>,
+    /// Areas read ahead in parallel (0: one read at a time).
+    pub readahead: usize,
+}
+
 /// Walk the metadata areas of a store with chunk size `cs` like the kernel's
 /// `read_exceptions`: area after area, each slot in order, until the first
 /// `new_chunk == 0`. Every area is checked to lie inside `dev` before it is
-/// read. `visit` returns false to stop early. `progress`, when given, is set
-/// to the byte position reached (its total is the device length).
+/// read. `visit` returns false to stop early.
+///
+/// With `readahead > 0` (and chunks of at most 1 MiB) the next `readahead`
+/// areas are read by as many threads while the current one is walked, as
+/// the kernel prefetches `DM_PREFETCH_CHUNKS` areas: areas are a chunk
+/// apart, so one at a time costs a seek (or a round trip) each.
 pub(crate) fn walk_metadata(
     dev: &dyn BlockDev,
     cs: ChunkSize,
-    scan_tail: bool,
-    progress: Option<&Progress>,
+    opts: WalkOpts<'_>,
+    visit: &mut dyn FnMut(Event<'_>) -> bool,
+) -> WalkEnd {
+    if opts.readahead == 0 || cs.bytes() > PIECE_BYTES {
+        return walk_inner(
+            dev,
+            cs,
+            opts,
+            &mut |_area, off, buf| dev.read_at(buf, off),
+            visit,
+        );
+    }
+    std::thread::scope(|scope| {
+        let mut ra = ReadAhead::start(scope, dev, cs, opts.readahead);
+        walk_inner(
+            dev,
+            cs,
+            opts,
+            &mut |area, off, buf| ra.read(area, off, buf),
+            visit,
+        )
+        // `ra` drops here, closing the job queue; the scope joins the readers.
+    })
+}
+
+type ReadFn<'r> = dyn FnMut(u64, u64, &mut [u8]) -> io::Result<()> + 'r;
+
+fn walk_inner(
+    dev: &dyn BlockDev,
+    cs: ChunkSize,
+    opts: WalkOpts<'_>,
+    read: &mut ReadFn<'_>,
     visit: &mut dyn FnMut(Event<'_>) -> bool,
 ) -> WalkEnd {
     let e = exceptions_per_area(cs);
     let dev_chunks = cs.whole_chunks(dev.len());
     let piece_bytes = PIECE_BYTES.min(cs.bytes());
-    let slots_per_piece = piece_bytes / DISK_EXCEPTION_BYTES;
     // piece_bytes ≤ 1 MiB, so this allocation is bounded.
     let mut buf = vec![0u8; piece_bytes as usize];
     let mut area: u64 = 0;
     loop {
-        // area_location cannot overflow while it stays below dev_chunks:
-        // check with checked arithmetic all the same (huge devices, tiny chunks).
-        let chunk = match area
-            .checked_mul(e + 1)
-            .and_then(|x| x.checked_add(area_location(cs, 0).0))
-        {
+        let chunk = match area_location_checked(cs, area) {
             Some(c) if c < dev_chunks => Chunk(c),
-            Some(c) => {
+            other => {
                 visit(Event::AreaBeyondEnd {
                     area,
-                    chunk: Chunk(c),
-                });
-                return WalkEnd::BeyondEnd { area };
-            }
-            None => {
-                visit(Event::AreaBeyondEnd {
-                    area,
-                    chunk: Chunk(u64::MAX),
+                    chunk: Chunk(other.unwrap_or(u64::MAX)),
                 });
                 return WalkEnd::BeyondEnd { area };
             }
         };
         let base = cs.chunk_to_byte(chunk);
-        if let Some(p) = progress {
+        if let Some(p) = opts.progress {
             p.set_done(base);
         }
         let mut terminated: Option<u64> = None;
@@ -271,7 +303,7 @@ pub(crate) fn walk_metadata(
         let mut slot = 0u64;
         while slot < e {
             let off = base + slot * DISK_EXCEPTION_BYTES;
-            if let Err(error) = dev.read_at(&mut buf, off) {
+            if let Err(error) = read(area, off, &mut buf) {
                 visit(Event::AreaUnreadable {
                     area,
                     chunk,
@@ -289,7 +321,7 @@ pub(crate) fn walk_metadata(
                     }
                 } else if raw.new_chunk.get() == 0 {
                     terminated = Some(slot);
-                    if !scan_tail {
+                    if !opts.scan_tail {
                         break;
                     }
                 } else if !visit(Event::Record {
@@ -301,11 +333,9 @@ pub(crate) fn walk_metadata(
                 }
                 slot += 1;
             }
-            if terminated.is_some() && !scan_tail {
+            if terminated.is_some() && !opts.scan_tail {
                 break;
             }
-            // Reads are whole pieces: slot is now a multiple of slots_per_piece.
-            debug_assert!(slot % slots_per_piece == 0 || terminated.is_some());
         }
         if let Some(t) = terminated {
             visit(Event::Terminator {
@@ -316,6 +346,98 @@ pub(crate) fn walk_metadata(
             return WalkEnd::Terminated { area, slot: t };
         }
         area += 1;
+    }
+}
+
+/// `area_location` without overflow (hostile chunk sizes × huge areas).
+pub(crate) fn area_location_checked(cs: ChunkSize, area: u64) -> Option<u64> {
+    area.checked_mul(exceptions_per_area(cs) + 1)?
+        .checked_add(area_location(cs, 0).0)
+}
+
+type AreaRead = (u64, io::Result<Vec<u8>>);
+
+/// Whole-area reads issued ahead of the walk to a few reader threads.
+/// Areas are requested in increasing order; results may arrive in any order.
+struct ReadAhead {
+    jobs: Option<crossbeam_channel::Sender<(u64, u64)>>,
+    results: crossbeam_channel::Receiver<AreaRead>,
+    ready: std::collections::HashMap<u64, io::Result<Vec<u8>>>,
+    /// Next area not yet issued.
+    issued: u64,
+    depth: u64,
+    cs: ChunkSize,
+    dev_chunks: u64,
+}
+
+impl ReadAhead {
+    fn start<'scope, 'env>(
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        dev: &'env dyn BlockDev,
+        cs: ChunkSize,
+        depth: usize,
+    ) -> Self {
+        let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded::<(u64, u64)>();
+        let (res_tx, res_rx) = crossbeam_channel::unbounded::<AreaRead>();
+        let chunk_bytes = cs.bytes() as usize; // ≤ PIECE_BYTES here
+        for _ in 0..depth {
+            let jobs_rx = jobs_rx.clone();
+            let res_tx = res_tx.clone();
+            scope.spawn(move || {
+                for (area, off) in jobs_rx.iter() {
+                    let mut v = vec![0u8; chunk_bytes];
+                    let r = dev.read_at(&mut v, off).map(|()| v);
+                    if res_tx.send((area, r)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        ReadAhead {
+            jobs: Some(jobs_tx),
+            results: res_rx,
+            ready: std::collections::HashMap::new(),
+            issued: 0,
+            depth: depth as u64,
+            cs,
+            dev_chunks: cs.whole_chunks(dev.len()),
+        }
+    }
+
+    fn read(&mut self, area: u64, _off: u64, buf: &mut [u8]) -> io::Result<()> {
+        let stopped = || io::Error::other("metadata read-ahead stopped");
+        // Keep `depth` areas in flight past this one (never past the device end).
+        self.issued = self.issued.max(area);
+        while self.issued <= area.saturating_add(self.depth) {
+            let Some(loc) = area_location_checked(self.cs, self.issued) else {
+                break;
+            };
+            if loc >= self.dev_chunks {
+                break;
+            }
+            let jobs = self.jobs.as_ref().ok_or_else(stopped)?;
+            jobs.send((self.issued, self.cs.chunk_to_byte(Chunk(loc))))
+                .map_err(|_| stopped())?;
+            self.issued += 1;
+        }
+        loop {
+            if let Some(r) = self.ready.remove(&area) {
+                let v = r?;
+                // The walk asks for whole areas (chunk ≤ PIECE_BYTES), at their start.
+                let src = v.get(..buf.len()).ok_or_else(stopped)?;
+                buf.copy_from_slice(src);
+                return Ok(());
+            }
+            let (a, r) = self.results.recv().map_err(|_| stopped())?;
+            self.ready.insert(a, r);
+        }
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        // Close the queue so the reader threads finish their current read and exit.
+        self.jobs.take();
     }
 }
 

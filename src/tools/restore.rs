@@ -11,7 +11,7 @@
 //! highest `new_chunk`. An existing regular file smaller than that is
 //! extended; an existing block device must already be large enough.
 
-use super::ToolError;
+use super::{area_location_checked, ToolError};
 use crate::format::{
     area_location, encode_area, exceptions_per_area, is_metadata_chunk, DiskException, DiskHeader,
     SNAPSHOT_DISK_VERSION, SNAP_MAGIC,
@@ -133,11 +133,6 @@ impl DumpDoc {
             new_chunk: Chunk(r.new_chunk),
         })
     }
-}
-
-fn area_location_checked(cs: ChunkSize, area: u64) -> Option<u64> {
-    area.checked_mul(exceptions_per_area(cs) + 1)?
-        .checked_add(area_location(cs, 0).0)
 }
 
 /// What [`DumpDoc::plan`] worked out.
@@ -349,10 +344,7 @@ mod tests {
         assert_eq!(r.areas_written, 2);
         let mut out = Vec::new();
         crate::tools::dump::dump(
-            &crate::tools::dump::DumpOptions {
-                dev: &dev,
-                format: crate::tools::dump::DumpFormat::Json,
-            },
+            &crate::tools::dump::DumpOptions::new(&dev, crate::tools::dump::DumpFormat::Json),
             &mut out,
         )
         .unwrap();
