@@ -334,15 +334,20 @@ impl PersistentStore {
         }
     }
 
-    /// Check one loaded record against the device geometry.
-    fn check_record(&self, area: u64, slot: u64, e: DiskException) -> Result<(), StoreError> {
+    /// Check one loaded record against the device geometry (`cow_chunks`:
+    /// whole chunks on the device, computed once per load).
+    fn check_record(
+        &self,
+        cow_chunks: u64,
+        area: u64,
+        slot: u64,
+        e: DiskException,
+    ) -> Result<(), StoreError> {
         let corrupt = |what: String| StoreError::Corrupt { area, slot, what };
-        if e.new_chunk.0 >= self.cow_chunks() {
+        if e.new_chunk.0 >= cow_chunks {
             return Err(corrupt(format!(
                 "new_chunk {} (old_chunk {}) lies beyond the end of the COW device ({} chunks)",
-                e.new_chunk,
-                e.old_chunk,
-                self.cow_chunks()
+                e.new_chunk, e.old_chunk, cow_chunks
             )));
         }
         if is_metadata_chunk(self.chunk_size, e.new_chunk) {
@@ -358,6 +363,7 @@ impl PersistentStore {
     /// the last (partial) area as the working area.
     fn read_exceptions(&mut self, sink: &mut dyn FnMut(DiskException)) -> Result<(), StoreError> {
         let areas = self.areas_on_device();
+        let cow_chunks = self.cow_chunks();
         let cow = self.cow.clone();
         let chunk_size = self.chunk_size;
         let (last_area, committed, last, next_free) =
@@ -373,7 +379,7 @@ impl PersistentStore {
                                 "metadata area {area} (chunk {}) lies beyond the end of the COW \
                                  device ({} chunks): the exception list has no terminator",
                                 area_location(chunk_size, area),
-                                self.cow_chunks()
+                                cow_chunks
                             ),
                         });
                     }
@@ -391,7 +397,7 @@ impl PersistentStore {
                             end = Some(slot);
                             break;
                         }
-                        self.check_record(area, slot, e)?;
+                        self.check_record(cow_chunks, area, slot, e)?;
                         if next_free.0 <= e.new_chunk.0 {
                             next_free = Chunk(e.new_chunk.0 + 1);
                         }
