@@ -1,15 +1,27 @@
 #!/usr/bin/env python3
-"""dmsnap benchmarks: every figure is a ratio against a reference measured in
-the same run (these machines are noisy), medians of several runs.
+"""dmsnap benchmarks. Every figure is a ratio against a reference measured in
+the same run (the machines are shared and noisy), medians of --runs runs, each
+on fresh images and a fresh server (first writes are first writes).
 
-Workloads go through fio's nbd engine (libnbd) to:
-  - dmsnap serve: the origin with 0, 1, 2, 4 snapshots, and a snapshot;
-  - qemu-nbd serving the raw file (the reference for NBD figures);
-  - qemu-nbd serving a qcow2 overlay on it ("writes to a snapshot" in qemu);
-and, as a floor, fio on the raw file directly.
+Groups (see bench/RESULTS.md for a recorded run):
+  nbd   fio --ioengine=nbd (libnbd): dmsnap serve (origin with 0/1/2/4
+        snapshots, a snapshot; 4 KiB and 16 KiB chunks) vs qemu-nbd serving
+        the raw file; qemu-nbd serving a qcow2 overlay on it stands for
+        "writes to a snapshot" in qemu. Sequential 1 MiB writes (QD4), random
+        4 KiB writes QD16 (first writes and rewrites), sequential reads.
+  fuse  dmsnap serve --fuse, a loop device (direct I/O) over the FUSE file:
+        sequential 1 MiB writes buffered + fsync and O_DIRECT, mkfs.ext2;
+        vs the same on a loop device over the raw file.
+  merge dmsnap merge of SIZE of exceptions (sequential and scattered), cold
+        cache, vs a plain copy of the same bytes (dd, cold cache, fsync).
+  load  metadata load of a COW with 1,000,000 exceptions vs a sequential read
+        of the same bytes (dmsnap bench load); in-core memory per exception
+        vs the 16-byte on-disk record (dmsnap bench memory).
 
-Usage: bench/bench.py [--runs 3] [--size 256M] [--quick] [--only NAME...]
-Needs: fio (with the nbd engine), qemu-nbd, qemu-img; dmsnap built in release.
+Usage: bench/bench.py [--runs 3] [--size 256M] [--quick] [--groups nbd fuse merge load]
+                      [--only SUBSTRING...] [--json FILE]
+Needs: root (loop devices), fio with the nbd engine, qemu-nbd, qemu-img,
+e2fsprogs, util-linux, /dev/fuse; dmsnap built: cargo build --release.
 """
 
 import argparse
@@ -27,9 +39,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DMSNAP = ROOT / "target" / "release" / "dmsnap"
 
+# The issue's targets: (group, target name) -> minimum ratio.
+GOALS = {
+    ("nbd: sequential 1 MiB writes QD4", "dmsnap snapshot, 4k (full chunks)"): 0.85,
+    ("nbd: sequential 1 MiB writes QD4", "dmsnap origin, 1 snap 4k"): 0.45,
+    ("nbd: sequential 1 MiB writes QD4", "dmsnap origin, 4 snaps 4k"): 0.16,
+    ("nbd: sequential 1 MiB writes QD4", "dmsnap origin, 0 snaps"): 1.0,
+    ("nbd: random 4 KiB writes QD16", "dmsnap snapshot 4k, first"): 0.7,
+    ("merge", "sequential exceptions"): 0.8,
+    ("merge", "scattered exceptions"): 0.8,
+    ("load", "1M exceptions, buffered"): 0.8,
+    ("load", "1M exceptions, O_DIRECT"): 0.8,
+}
+
 
 def run(cmd, **kw):
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+    try:
+        return subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True, **kw)
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({e.returncode}): {e.stderr.strip()[-2000:]}") from None
 
 
 def parse_size(s):
@@ -40,17 +68,35 @@ def parse_size(s):
     return int(s)
 
 
+def drop_cache(path):
+    """Write back and evict one file's pages (not the whole machine's)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def loadavg():
+    return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+
+
 class Server:
     """A running NBD server (dmsnap serve or qemu-nbd) on a Unix socket."""
 
     def __init__(self, argv, sock, ready_line=None):
         self.sock = sock
-        self.p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.p = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True)
         if ready_line:
-            line = self.p.stdout.readline().strip()
-            if line != ready_line:
-                self.stop()
-                raise RuntimeError(f"{argv[0]} did not start: {line!r}")
+            while True:
+                line = self.p.stdout.readline()
+                if not line:
+                    self.stop()
+                    raise RuntimeError(f"{argv[0]} did not start")
+                if line.strip() == ready_line:
+                    break
         else:
             for _ in range(500):
                 if os.path.exists(sock):
@@ -71,19 +117,58 @@ class Server:
                 self.p.wait()
 
 
-def fio(target, rw, bs, size, iodepth=1, direct=False, fsync_end=True, engine="nbd", extra=()):
-    """Run one fio job; returns MiB/s (write or read)."""
-    argv = [
-        "fio", "--name=b", "--output-format=json", f"--rw={rw}", f"--bs={bs}", f"--size={size}",
-        f"--iodepth={iodepth}", "--randrepeat=0", "--norandommap", "--group_reporting",
-    ]
-    if engine == "nbd":
-        argv += ["--ioengine=nbd", f"--uri={target}"]
+class Loop:
+    """A loop device over a file (direct I/O when the kernel allows it)."""
+
+    def __init__(self, path):
+        try:
+            self.dev = run(["losetup", "--find", "--show", "--direct-io=on", path]).stdout.strip()
+        except RuntimeError:
+            self.dev = run(["losetup", "--find", "--show", path]).stdout.strip()
+
+    def stop(self):
+        for _ in range(50):
+            if subprocess.run(["losetup", "-d", self.dev], capture_output=True).returncode == 0:
+                return
+            time.sleep(0.1)
+
+
+class Setup:
+    """What a job runs against: .uri(export) for NBD, .path for a block
+    device; stop() tears it all down."""
+
+    def __init__(self, server=None, loop=None, extra=()):
+        self.server, self.loop, self.extra = server, loop, list(extra)
+
+    def uri(self, export):
+        return self.server.uri(export)
+
+    @property
+    def path(self):
+        return self.loop.dev
+
+    def stop(self):
+        if self.loop:
+            self.loop.stop()
+        for e in self.extra:
+            e()
+        if self.server:
+            self.server.stop()
+
+
+def fio(rw, bs, size, iodepth=1, uri=None, path=None, direct=False, fsync_end=True, randommap=True):
+    """Run one fio job; returns MiB/s."""
+    argv = ["fio", "--name=b", "--output-format=json", f"--rw={rw}", f"--bs={bs}", f"--size={size}",
+            f"--iodepth={iodepth}", "--randrepeat=0", "--group_reporting"]
+    if not randommap:
+        argv.append("--norandommap")
+    if uri:
+        argv += ["--ioengine=nbd", f"--uri={uri}"]
     else:
-        argv += [f"--ioengine={engine}", f"--filename={target}", f"--direct={1 if direct else 0}"]
+        argv += ["--ioengine=psync" if iodepth == 1 else "--ioengine=libaio", f"--filename={path}",
+                 f"--direct={1 if direct else 0}"]
     if fsync_end:
         argv.append("--end_fsync=1")
-    argv += list(extra)
     out = run(argv).stdout
     j = json.loads(out[out.index("{"):])
     job = j["jobs"][0]
@@ -96,142 +181,306 @@ class Bench:
         self.args = args
         self.size = args.size
         self.dir = Path(tempfile.mkdtemp(prefix="dmsnap-bench-", dir=args.dir))
-        self.results = []  # (group, name, reference name, median ratio, median MiB/s, ref MiB/s)
+        self.template = None
+        # (group, target, reference, ratio, value, ref value, unit)
+        self.results = []
+        self.load = [loadavg()]
 
     def cleanup(self):
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def fresh_file(self, name, fill=False):
+    # ---- images ----------------------------------------------------------
+    def fresh_file(self, name, fill=True):
+        """A SIZE file; filled with real (non-zero) data from a template so
+        copies are real copies, not holes."""
         p = self.dir / name
         if p.exists():
             p.unlink()
-        with open(p, "wb") as f:
-            f.truncate(self.size)
-        if fill:
-            # Real data in the origin so copies are real copies, not holes.
-            run(["fio", "--name=fill", f"--filename={p}", "--rw=write", "--bs=1M", f"--size={self.size}",
-                 "--ioengine=psync", "--end_fsync=1", "--output-format=terse"])
+        if not fill:
+            with open(p, "wb") as f:
+                f.truncate(self.size)
+            return p
+        if self.template is None:
+            self.template = self.dir / "template.img"
+            run(["fio", "--name=fill", f"--filename={self.template}", "--rw=write", "--bs=1M",
+                 f"--size={self.size}", "--ioengine=psync", "--end_fsync=1", "--output-format=terse",
+                 "--refill_buffers"])
+        shutil.copyfile(self.template, p)
+        drop_cache(p)
         return p
 
-    # ---- servers -------------------------------------------------------
-    def dmsnap_pool(self, nsnap, chunk="4k", store="P"):
+    # ---- setups ----------------------------------------------------------
+    def dmsnap_pool(self, nsnap, chunk="4k"):
         pool = self.dir / "pool"
         shutil.rmtree(pool, ignore_errors=True)
-        origin = self.fresh_file("origin.img", fill=True)
-        run([str(DMSNAP), "create", str(pool), "--origin", str(origin)])
+        origin = self.fresh_file("origin.img")
+        run([DMSNAP, "create", pool, "--origin", origin])
         for i in range(nsnap):
-            run([str(DMSNAP), "snapshot", "create", str(pool), f"s{i}", "--chunk-size", chunk, "--store", store])
-        s = Server([str(DMSNAP), "serve", str(pool)], str(pool / "nbd.sock"), ready_line="ready")
-        return s
+            run([DMSNAP, "snapshot", "create", pool, f"s{i}", "--chunk-size", chunk])
+        return pool
 
-    def qemu_raw(self):
-        img = self.fresh_file("qraw.img", fill=True)
+    def dmsnap_nbd(self, nsnap, chunk="4k"):
+        pool = self.dmsnap_pool(nsnap, chunk)
+        return Setup(Server([DMSNAP, "serve", pool], str(pool / "nbd.sock"), ready_line="ready"))
+
+    def dmsnap_fuse(self, nsnap, export, chunk="4k"):
+        pool = self.dmsnap_pool(nsnap, chunk)
+        mnt = self.dir / "mnt"
+        mnt.mkdir(exist_ok=True)
+        s = Server([DMSNAP, "serve", pool, "--fuse", mnt], str(pool / "nbd.sock"), ready_line="ready")
+        try:
+            lp = Loop(mnt / export)
+        except Exception:
+            s.stop()
+            raise
+        return Setup(s, lp)
+
+    def raw_loop(self):
+        return Setup(loop=Loop(self.fresh_file("raw.img")))
+
+    def _qsock(self):
         sock = str(self.dir / "q.sock")
         if os.path.exists(sock):
             os.unlink(sock)
-        return Server(["qemu-nbd", "-f", "raw", "-k", sock, "-x", "origin", "--cache=writeback", str(img)], sock)
+        return sock
+
+    def qemu_raw(self):
+        img = self.fresh_file("qraw.img")
+        sock = self._qsock()
+        return Setup(Server(["qemu-nbd", "-t", "-e", "8", "-f", "raw", "-k", sock, "-x", "origin",
+                             "--cache=writeback", img], sock))
 
     def qemu_overlay(self, cluster="64k"):
-        base = self.fresh_file("qbase.img", fill=True)
+        base = self.fresh_file("qbase.img")
         ov = self.dir / "overlay.qcow2"
         if ov.exists():
             ov.unlink()
-        run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", "-b", str(base), "-F", "raw", str(ov)])
-        sock = str(self.dir / "q.sock")
-        if os.path.exists(sock):
-            os.unlink(sock)
-        return Server(["qemu-nbd", "-f", "qcow2", "-k", sock, "-x", "origin", "--cache=writeback", str(ov)], sock)
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", "-b", base,
+             "-F", "raw", ov])
+        sock = self._qsock()
+        return Setup(Server(["qemu-nbd", "-t", "-e", "8", "-f", "qcow2", "-k", sock, "-x", "origin",
+                             "--cache=writeback", ov], sock))
 
-    # ---- measurement ---------------------------------------------------
-    def measure(self, make_server, export, job):
-        """Median MiB/s of `job` over fresh servers (first writes each time)."""
+    # ---- measurement -----------------------------------------------------
+    def measure(self, make, job):
+        """Median of `job(setup)` over fresh setups."""
         vals = []
         for _ in range(self.args.runs):
-            s = make_server()
+            s = make()
             try:
-                vals.append(job(s.uri(export)))
+                vals.append(job(s))
             finally:
                 s.stop()
         return statistics.median(vals)
 
-    def compare(self, group, name, make_server, export, ref_name, ref_vals, job):
-        v = self.measure(make_server, export, job)
-        ratio = v / ref_vals if ref_vals else float("nan")
-        self.results.append((group, name, ref_name, ratio, v, ref_vals))
-        print(f"  {group:<34} {name:<32} {ratio:6.2f}x of {ref_name:<18} ({v:8.1f} vs {ref_vals:8.1f} MiB/s)", flush=True)
+    def record(self, group, name, ref_name, v, ref, unit="MiB/s"):
+        ratio = v / ref if ref else float("nan")
+        self.results.append((group, name, ref_name, ratio, v, ref, unit))
+        goal = GOALS.get((group, name))
+        mark = "" if goal is None else f"  (goal >= {goal}: {'met' if ratio >= goal else 'NOT met'})"
+        print(f"  {name:<36} {ratio:6.2f}x of {ref_name:<16} ({v:9.2f} vs {ref:9.2f} {unit}){mark}",
+              flush=True)
 
-    def workload(self, group, job, targets):
-        print(f"{group}:", flush=True)
-        ref = self.measure(self.qemu_raw, "origin", job)
-        self.results.append((group, "qemu-nbd raw", "qemu-nbd raw", 1.0, ref, ref))
-        for name, make, export in targets:
-            if self.args.only and not any(o in name for o in self.args.only):
-                continue
-            self.compare(group, name, make, export, "qemu-nbd raw", ref, job)
+    def workload(self, group, job, ref_name, ref_make, targets, unit="MiB/s"):
+        wanted = [t for t in targets if not self.args.only or any(o in t[0] for o in self.args.only)]
+        if not wanted:
+            return
+        print(f"{group}:  [load {loadavg()}]", flush=True)
+        ref = self.measure(ref_make, job)
+        self.record(group, ref_name, ref_name, ref, ref, unit)
+        for name, make, j in wanted:
+            self.record(group, name, ref_name, self.measure(make, j or job), ref, unit)
+
+    # ---- groups ----------------------------------------------------------
+    def group_nbd(self):
+        size = self.size
+        rsize = min(size, 64 << 20)
+
+        def nbd(export, fn):
+            return lambda s: fn(s.uri(export))
+
+        seq = lambda uri: fio("write", "1M", size, iodepth=4, uri=uri)
+        rnd = lambda uri: fio("randwrite", "4k", rsize, iodepth=16, uri=uri)
+
+        def rnd_rewrite(uri):
+            rnd(uri)
+            return rnd(uri)
+
+        rd = lambda uri: fio("read", "1M", size, iodepth=4, uri=uri, fsync_end=False)
+
+        def rd_after_write(uri):
+            seq(uri)
+            return rd(uri)
+
+        P = lambda n, c="4k": (lambda: self.dmsnap_nbd(n, c))
+        self.workload("nbd: sequential 1 MiB writes QD4", nbd("origin", seq), "qemu-nbd raw", self.qemu_raw, [
+            ("dmsnap origin, 0 snaps", P(0), None),
+            ("dmsnap origin, 1 snap 4k", P(1), None),
+            ("dmsnap origin, 2 snaps 4k", P(2), None),
+            ("dmsnap origin, 4 snaps 4k", P(4), None),
+            ("dmsnap origin, 1 snap 16k", P(1, "16k"), None),
+            ("dmsnap origin, 4 snaps 16k", P(4, "16k"), None),
+            ("dmsnap snapshot, 4k (full chunks)", P(1), nbd("s0", seq)),
+            ("dmsnap snapshot, 16k (full chunks)", P(1, "16k"), nbd("s0", seq)),
+            ("qemu-nbd qcow2 overlay", self.qemu_overlay, None),
+        ])
+        self.workload("nbd: random 4 KiB writes QD16", nbd("origin", rnd), "qemu-nbd raw", self.qemu_raw, [
+            ("dmsnap origin, 0 snaps", P(0), None),
+            ("dmsnap origin 1 snap 4k, first", P(1), None),
+            ("dmsnap origin 1 snap 4k, rewrite", P(1), nbd("origin", rnd_rewrite)),
+            ("dmsnap snapshot 4k, first", P(1), nbd("s0", rnd)),
+            ("dmsnap snapshot 4k, rewrite", P(1), nbd("s0", rnd_rewrite)),
+            ("dmsnap snapshot 16k, first", P(1, "16k"), nbd("s0", rnd)),
+            ("qemu-nbd qcow2 overlay, first", self.qemu_overlay, None),
+            ("qemu-nbd qcow2 overlay, rewrite", self.qemu_overlay, nbd("origin", rnd_rewrite)),
+        ])
+        self.workload("nbd: sequential 1 MiB reads QD4", nbd("origin", rd), "qemu-nbd raw", self.qemu_raw, [
+            ("dmsnap origin, 1 snap", P(1), None),
+            ("dmsnap snapshot, unchanged", P(1), nbd("s0", rd)),
+            ("dmsnap snapshot, all in COW", P(1), nbd("s0", rd_after_write)),
+            ("qemu-nbd qcow2 overlay", self.qemu_overlay, None),
+        ])
+
+    def group_fuse(self):
+        size = self.size
+        buffered = lambda s: fio("write", "1M", size, path=s.path, direct=False)
+        direct = lambda s: fio("write", "1M", size, path=s.path, direct=True, fsync_end=False)
+
+        def mkfs(s):
+            t = time.monotonic()
+            run(["mkfs.ext2", "-q", "-F", s.path])
+            return 1.0 / (time.monotonic() - t)
+
+        for wname, job, unit in [("seq 1 MiB writes, buffered+fsync", buffered, "MiB/s"),
+                                 ("seq 1 MiB writes, O_DIRECT", direct, "MiB/s"),
+                                 ("mkfs.ext2", mkfs, "1/s")]:
+            F = lambda n, e, c="4k": (lambda: self.dmsnap_fuse(n, e, c))
+            self.workload(f"fuse+loop: {wname}", job, "loop on raw file", self.raw_loop, [
+                ("dmsnap origin, 0 snaps", F(0, "origin"), None),
+                ("dmsnap origin, 1 snap 4k", F(1, "origin"), None),
+                ("dmsnap origin, 2 snaps 4k", F(2, "origin"), None),
+                ("dmsnap origin, 4 snaps 4k", F(4, "origin"), None),
+                ("dmsnap origin, 1 snap 16k", F(1, "origin", "16k"), None),
+                ("dmsnap origin, 4 snaps 16k", F(4, "origin", "16k"), None),
+                ("dmsnap snapshot, 4k", F(1, "s0"), None),
+                ("dmsnap snapshot, 16k", F(1, "s0", "16k"), None),
+            ], unit)
+
+    def merge_once(self, scattered):
+        """Seconds of an offline `dmsnap merge` of SIZE of exceptions."""
+        s = self.dmsnap_nbd(1)
+        try:
+            uri = s.uri("origin")
+            if scattered:
+                # Every 4 KiB chunk once, in random order: allocation order
+                # (the COW) and origin order disagree everywhere.
+                fio("randwrite", "4k", self.size, iodepth=16, uri=uri)
+            else:
+                fio("write", "1M", self.size, iodepth=4, uri=uri)
+        finally:
+            s.stop()
+        pool = self.dir / "pool"
+        for f in ("origin.img", "pool/s0.cow"):
+            drop_cache(self.dir / f)
+        t = time.monotonic()
+        run([DMSNAP, "merge", pool, "s0"])
+        return time.monotonic() - t
+
+    def copy_once(self):
+        src, dst = self.fresh_file("copy-src.img"), self.fresh_file("copy-dst.img")
+        t = time.monotonic()
+        run(["dd", f"if={src}", f"of={dst}", "bs=1M", "conv=notrunc,fsync", "status=none"])
+        return time.monotonic() - t
+
+    def group_merge(self):
+        if self.args.only and not any(o in "merge" for o in self.args.only):
+            return
+        print(f"merge:  [load {loadavg()}]", flush=True)
+        mib = self.size / (1 << 20)
+        ref = mib / statistics.median(self.copy_once() for _ in range(self.args.runs))
+        self.record("merge", "plain copy (dd, fsync)", "plain copy", ref, ref)
+        for name, sc in [("sequential exceptions", False), ("scattered exceptions", True)]:
+            v = mib / statistics.median(self.merge_once(sc) for _ in range(self.args.runs))
+            self.record("merge", name, "plain copy", v, ref)
+
+    def group_load(self):
+        if self.args.only and not any(o in "load" for o in self.args.only):
+            return
+        print(f"load:  [load {loadavg()}]", flush=True)
+        n = self.args.exceptions
+        out = run([DMSNAP, "bench", "load", "--dir", self.dir, "--exceptions", n, "--runs", self.args.runs])
+        j = json.loads(out.stdout)
+        label = f"{n // 1000000}M" if n % 1000000 == 0 else f"{n}"
+        for m in j["modes"]:
+            self.record("load", f"{label} exceptions, {m['mode']}", "sequential read",
+                        1.0 / m["load_s"], 1.0 / m["reference_s"], "1/s")
+        mem = json.loads(run([DMSNAP, "bench", "memory", "--exceptions", n]).stdout)
+        for k, name in [("scattered_bulk_bytes_per_exception", "memory, scattered (bulk load)"),
+                        ("scattered_insert_bytes_per_exception", "memory, scattered (inserts)"),
+                        ("sequential_bytes_per_exception", "memory, sequential")]:
+            # Ratio = on-disk record / in-core bytes (higher is better, like the rest).
+            v = mem[k]
+            self.results.append(("load", name, "16 B disk record", 16.0 / v, v, 16.0, "B/exception"))
+            print(f"  {name:<36} {16.0 / v:6.2f}x of 16 B disk record ({v:.2f} B/exception)", flush=True)
 
     def go(self):
-        size = self.size
-        seq = lambda uri: fio(uri, "write", "1M", size, iodepth=4)
-        rnd = lambda uri: fio(uri, "randwrite", "4k", min(size, 64 << 20), iodepth=16)
-        rd = lambda uri: fio(uri, "read", "1M", size, iodepth=4, fsync_end=False)
-
-        # Floor: the file itself, same workload, no NBD.
-        raw = self.fresh_file("floor.img", fill=True)
-        floor = statistics.median(
-            fio(str(raw), "write", "1M", size, iodepth=1, engine="psync", direct=True) for _ in range(self.args.runs))
-        print(f"raw file, O_DIRECT sequential 1 MiB writes: {floor:.1f} MiB/s (floor reference)")
-
-        self.workload("sequential 1 MiB writes (QD4)", seq, [
-            ("dmsnap origin, 0 snapshots", lambda: self.dmsnap_pool(0), "origin"),
-            ("dmsnap origin, 1 snap (first)", lambda: self.dmsnap_pool(1), "origin"),
-            ("dmsnap origin, 2 snaps", lambda: self.dmsnap_pool(2), "origin"),
-            ("dmsnap origin, 4 snaps", lambda: self.dmsnap_pool(4), "origin"),
-            ("dmsnap snapshot (full chunks)", lambda: self.dmsnap_pool(1), "s0"),
-            ("dmsnap snapshot, 16k chunks", lambda: self.dmsnap_pool(1, chunk="16k"), "s0"),
-            ("qemu-nbd qcow2 overlay", self.qemu_overlay, "origin"),
-        ])
-        self.workload("random 4 KiB writes (QD16, first)", rnd, [
-            ("dmsnap origin, 0 snapshots", lambda: self.dmsnap_pool(0), "origin"),
-            ("dmsnap origin, 1 snap", lambda: self.dmsnap_pool(1), "origin"),
-            ("dmsnap snapshot", lambda: self.dmsnap_pool(1), "s0"),
-            ("qemu-nbd qcow2 overlay", self.qemu_overlay, "origin"),
-        ])
-        self.workload("sequential 1 MiB reads (QD4)", rd, [
-            ("dmsnap origin, 1 snap", lambda: self.dmsnap_pool(1), "origin"),
-            ("dmsnap snapshot (unchanged)", lambda: self.dmsnap_pool(1), "s0"),
-            ("qemu-nbd qcow2 overlay", self.qemu_overlay, "origin"),
-        ])
+        for g in self.args.groups:
+            getattr(self, f"group_{g}")()
+            self.load.append(loadavg())
 
     def table(self):
         host = os.uname()
-        print()
-        print(f"dmsnap benchmark, {time.strftime('%Y-%m-%d')}, {host.nodename} {host.release}, "
-              f"{os.cpu_count()} cores, size {self.size >> 20} MiB, median of {self.args.runs}")
-        print(f"| workload | target | ratio | vs | MiB/s | ref MiB/s |")
-        print(f"|---|---|---|---|---|---|")
-        for g, n, r, ratio, v, rv in self.results:
-            print(f"| {g} | {n} | {ratio:.2f} | {r} | {v:.1f} | {rv:.1f} |")
+        cpu = ""
+        try:
+            cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        lines = [
+            f"dmsnap benchmark, {time.strftime('%Y-%m-%d %H:%M %Z')}, {host.nodename}, Linux {host.release}, "
+            f"{os.cpu_count()} cores ({cpu}), size {self.size >> 20} MiB, median of {self.args.runs}",
+            f"load average during the run: {' -> '.join(self.load)}",
+            "",
+            "| workload | target | ratio | vs | value | reference | unit | goal |",
+            "|---|---|---:|---|---:|---:|---|---|",
+        ]
+        for g, n, r, ratio, v, rv, unit in self.results:
+            goal = GOALS.get((g, n))
+            gs = "" if goal is None else f"≥ {goal} {'met' if ratio >= goal else '**not met**'}"
+            lines.append(f"| {g} | {n} | {ratio:.2f} | {r} | {v:.2f} | {rv:.2f} | {unit} | {gs} |")
+        return "\n".join(lines)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--size", type=parse_size, default=parse_size("256M"))
+    ap.add_argument("--exceptions", type=int, default=1_000_000, help="for the load benchmark")
     ap.add_argument("--dir", default=os.environ.get("TMPDIR", "/var/tmp"),
                     help="where to put the images (a real disk, not tmpfs)")
+    ap.add_argument("--groups", nargs="*", default=["nbd", "fuse", "merge", "load"],
+                    choices=["nbd", "fuse", "merge", "load"])
     ap.add_argument("--only", nargs="*", help="run only targets whose name contains one of these")
-    ap.add_argument("--quick", action="store_true", help="1 run of 64 MiB: a smoke test, not a measurement")
+    ap.add_argument("--json", help="also write the results as JSON to this file")
+    ap.add_argument("--quick", action="store_true",
+                    help="1 run of 32 MiB, 100k exceptions: a smoke test, not a measurement")
     args = ap.parse_args()
     if args.quick:
-        args.runs, args.size = 1, 64 << 20
+        args.runs, args.size, args.exceptions = 1, 32 << 20, 100_000
     if not DMSNAP.exists():
         sys.exit(f"build first: cargo build --release ({DMSNAP} missing)")
+    for tool in ["fio", "qemu-nbd", "qemu-img", "losetup", "mkfs.ext2", "dd"]:
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is needed (apt-get install fio qemu-utils util-linux e2fsprogs coreutils)")
     b = Bench(args)
     try:
         b.go()
     finally:
         b.cleanup()
-    b.table()
+        t = b.table()
+        print()
+        print(t)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"table": t, "results": b.results}, indent=1))
 
 
 if __name__ == "__main__":

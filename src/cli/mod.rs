@@ -14,6 +14,7 @@
 //! cause chain (`{:#}`). Data goes to stdout; a closed stdout pipe
 //! (`dmsnap dump COW | head`) ends the command quietly with exit 0.
 
+mod bench;
 mod pool;
 mod tools;
 
@@ -53,6 +54,9 @@ pub enum Command {
     Check(tools::CheckArgs),
     /// Write a COW device's metadata from a `dump --json` document.
     Restore(tools::RestoreArgs),
+    /// Library benchmarks for bench/bench.py (JSON on stdout).
+    #[command(subcommand, hide = true)]
+    Bench(bench::BenchCmd),
 }
 
 /// Exit statuses (see the module documentation).
@@ -106,6 +110,7 @@ impl Command {
             Command::Dump(a) => tools::dump(a),
             Command::Check(a) => tools::check(a),
             Command::Restore(a) => tools::restore(a),
+            Command::Bench(c) => failed(bench::bench(c)),
         }
     }
 }
