@@ -58,7 +58,7 @@ impl Default for ServerOptions {
         ServerOptions {
             read_only: Arc::new(|_| false),
             max_connections: 1024,
-            workers_per_connection: 4,
+            workers_per_connection: 16,
             max_in_flight_bytes: 64 << 20,
             handshake_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
