@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DMSNAP = ROOT / "target" / "release" / "dmsnap"
+DMSNAP = Path(os.environ.get("DMSNAP", ROOT / "target" / "release" / "dmsnap"))
 
 # The targets: (group, target name) -> minimum ratio.
 GOALS = {

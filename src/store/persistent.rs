@@ -9,23 +9,13 @@
 //! - `pending_count`: exceptions prepared but not yet committed;
 //! - `callbacks`: commits gathered for the next area write.
 //!
-//! Durability (group commit, `persistent_commit_exception`): metadata is
-//! written only when no prepared exception is pending, or when
-//! [`MAX_HELD_AREAS`] full areas wait in memory. A full area is not written
-//! at once (the kernel writes it then): it is held and the next area
-//! started, so a stream of large writes pays one flush + one FUA write per
-//! batch instead of per area. A batch is written gate-last: every area after
-//! the batch's first one (the full ones, then the current one, or zeroes if
-//! it is still empty: the terminator) with plain writes, then the COW is
-//! flushed (those areas, and the data copies the records point at, become
-//! durable), then the first area with FUA. Until that last write lands the
-//! first area on disk is the one the previous batch left, not full, so a
-//! loader stops there and never reads the newer areas; once it lands, the
-//! areas after it are durable already and end in a terminator. With one
-//! area this is the kernel's sequence (zero the successor of a full area,
-//! flush, FUA write). Only then are the gathered callbacks told `true`.
-//! Any write error makes the store invalid: it writes no more metadata and
-//! every later callback gets `false`.
+//! Durability (group commit, `persistent_commit_exception`): an area is
+//! written only when no prepared exception is pending or the area just
+//! filled; before it, a full area's successor is zeroed (the terminator),
+//! then the COW is flushed (the data copies the records point at become
+//! durable), then the area is written with FUA. Only then are the gathered
+//! callbacks told `true`. Any write error makes the store invalid: it
+//! writes no more metadata and every later callback gets `false`.
 //!
 //! Deviations from the kernel, all on corrupt or hostile input or for
 //! crash safety: records pointing at the header, a metadata chunk or past
@@ -51,13 +41,6 @@ use zerocopy::{FromBytes, IntoBytes};
 /// (LVM's `SNAPSHOT_MIN_CHUNKS`).
 pub const MIN_CHUNKS: u64 = 3;
 
-/// Full areas a batch may hold in memory before it is written even with
-/// exceptions pending (module docs): bounds how long a committed exception
-/// waits and the memory held.
-pub const MAX_HELD_AREAS: usize = 64;
-/// ... and at most these many bytes of them.
-const MAX_HELD_BYTES: u64 = 16 << 20;
-
 /// A persistent exception store on a COW device.
 pub struct PersistentStore {
     cow: DevRef,
@@ -75,9 +58,6 @@ pub struct PersistentStore {
     /// device cannot hold one (such a store never gets to commit).
     area: Vec<u8>,
     callbacks: Vec<CommitCallback>,
-    /// Full areas committed in memory, not yet written: `(area, bytes)`, in
-    /// area order, all before `current_area` (module docs).
-    held: Vec<(u64, Vec<u8>)>,
     /// The first error that made the store invalid during a commit (commits
     /// report only `false` to their callbacks).
     error: Option<StoreError>,
@@ -215,7 +195,6 @@ impl PersistentStore {
             pending_count: 0,
             area,
             callbacks: Vec::new(),
-            held: Vec::new(),
             error: None,
         }
     }
@@ -315,38 +294,20 @@ impl PersistentStore {
             .map_err(|source| StoreError::ZeroArea { area, source })
     }
 
-    /// Write the held full areas and the current one, gate-last (module
-    /// docs): everything after the batch's first area with plain writes
-    /// (an empty current area as zeroes), a flush (`REQ_PREFLUSH`), then
-    /// the first area with FUA.
-    fn write_batch_durably(&self) -> Result<(), StoreError> {
-        let write = |area: u64, buf: &[u8], flags: WriteFlags| {
-            self.cow
-                .write_at(buf, self.area_offset(area), flags)
-                .map_err(|source| StoreError::WriteArea { area, source })
-        };
-        let (first, first_buf) = match self.held.first() {
-            Some((a, b)) => (*a, b.as_slice()),
-            None => (self.current_area, self.area.as_slice()),
-        };
-        if !self.held.is_empty() {
-            for (a, b) in &self.held[1..] {
-                write(*a, b, WriteFlags::NONE)?;
-            }
-            if self.current_committed == 0 {
-                self.zero_disk_area(self.current_area)?;
-            } else {
-                write(self.current_area, &self.area, WriteFlags::NONE)?;
-            }
-        }
+    /// `area_io(REQ_PREFLUSH | REQ_FUA)`: flush, then write the working area
+    /// with FUA.
+    fn write_area_durably(&self) -> Result<(), StoreError> {
         self.cow.flush().map_err(StoreError::Flush)?;
-        write(first, first_buf, WriteFlags::FUA)
-    }
-
-    /// Full areas held in memory before a batch is written regardless of
-    /// pending exceptions: [`MAX_HELD_AREAS`], fewer for huge chunks.
-    fn max_held_areas(&self) -> usize {
-        (MAX_HELD_BYTES / self.chunk_size.bytes()).clamp(1, MAX_HELD_AREAS as u64) as usize
+        self.cow
+            .write_at(
+                &self.area,
+                self.area_offset(self.current_area),
+                WriteFlags::FUA,
+            )
+            .map_err(|source| StoreError::WriteArea {
+                area: self.current_area,
+                source,
+            })
     }
 
     fn slot(&self, index: u64) -> Option<&[u8]> {
@@ -546,23 +507,25 @@ impl ExceptionStore for PersistentStore {
         debug_assert!(self.pending_count > 0, "commit without prepare");
         self.pending_count = self.pending_count.saturating_sub(1);
 
-        if self.current_committed >= self.exceptions_per_area() {
-            // Hold the full area; records go on in the next one.
-            let next = vec![0u8; self.area.len()];
-            let full = std::mem::replace(&mut self.area, next);
-            self.held.push((self.current_area, full));
-            self.current_committed = 0;
-            self.current_area += 1;
-        }
-        if self.pending_count != 0 && self.held.len() < self.max_held_areas() {
+        let full = self.current_committed >= self.exceptions_per_area();
+        if self.pending_count != 0 && !full {
             return Completed::default();
         }
-        if self.valid {
-            if let Err(e) = self.write_batch_durably() {
+        if full && self.valid {
+            if let Err(e) = self.zero_disk_area(self.current_area + 1) {
                 self.fail(e);
             }
         }
-        self.held.clear();
+        if self.valid {
+            if let Err(e) = self.write_area_durably() {
+                self.fail(e);
+            }
+        }
+        if full {
+            self.current_committed = 0;
+            self.current_area += 1;
+            self.area.fill(0);
+        }
         let ok = self.valid;
         Completed(self.callbacks.drain(..).map(|cb| (cb, ok)).collect())
     }
@@ -571,13 +534,6 @@ impl ExceptionStore for PersistentStore {
     fn prepare_merge(&mut self) -> Result<Option<(Chunk, Chunk, u64)>, StoreError> {
         if !self.valid {
             return Err(StoreError::Invalid);
-        }
-        if !self.held.is_empty() {
-            return Err(StoreError::Corrupt {
-                area: self.current_area,
-                slot: self.current_committed,
-                what: "merge started with exceptions still pending".into(),
-            });
         }
         if self.current_committed == 0 {
             if self.current_area == 0 {
@@ -638,10 +594,7 @@ impl ExceptionStore for PersistentStore {
         for i in 0..nr_merged {
             self.write_exception(self.current_committed - 1 - i, RawDiskException::default());
         }
-        // Nothing is held: batches are written whenever no exception is
-        // pending, and a merging store prepares none.
-        debug_assert!(self.held.is_empty());
-        self.write_batch_durably()?;
+        self.write_area_durably()?;
         self.current_committed -= nr_merged;
         // Approximate, as in the kernel: only usage() reads it from now on.
         self.next_free =
@@ -882,179 +835,6 @@ mod tests {
         assert_eq!(dev.take(), vec![Op::F, Op::W(4096, 4096, true)]);
         let (_, v) = load(dev);
         assert_eq!(v.len(), 5);
-    }
-
-    /// Prepare `n` exceptions (data chunk stamped with its old chunk),
-    /// then commit them all in order: one batch, pending until the last.
-    /// Returns the callbacks' results.
-    fn one_batch(s: &mut PersistentStore, dev: &dyn BlockDev, base: u64, n: u64) -> Vec<bool> {
-        // After a power cut the store is invalid and prepares nothing.
-        let chunks: Vec<Chunk> = (0..n).map_while(|_| s.prepare_exception().ok()).collect();
-        let out = Arc::new(Mutex::new(Vec::new()));
-        for (i, c) in chunks.iter().enumerate() {
-            let old = base + i as u64;
-            let copied = dev
-                .write_at(&old.to_le_bytes(), c.0 * 4096, WriteFlags::NONE)
-                .is_ok();
-            let o = out.clone();
-            s.commit_exception(de(old, c.0), copied, Box::new(move |ok| o.lock().push(ok)))
-                .run();
-        }
-        let v = out.lock().clone();
-        v
-    }
-
-    #[test]
-    fn full_areas_are_held_and_written_gate_last() {
-        let dev = LogDev::new(4 << 20);
-        let mut s = PersistentStore::open(dev.clone(), None, false).unwrap();
-        let chunks: Vec<Chunk> = (0..600).map(|_| s.prepare_exception().unwrap()).collect();
-        dev.take();
-        let mut acked = 0;
-        for (i, c) in chunks.iter().enumerate() {
-            let done = s.commit_exception(de(7 + i as u64, c.0), true, Box::new(|ok| assert!(ok)));
-            if i < 599 {
-                assert!(done.is_empty(), "commit {i} waits for the batch");
-                assert!(dev.take().is_empty(), "no I/O while exceptions are pending");
-            } else {
-                acked = done.0.len();
-                done.run();
-            }
-        }
-        assert_eq!(acked, 600);
-        // Areas 1 (full) and 2 (88 records) plainly, a flush, area 0 with FUA.
-        assert_eq!(
-            dev.take(),
-            vec![
-                Op::W(258 * 4096, 4096, false),
-                Op::W(515 * 4096, 4096, false),
-                Op::F,
-                Op::W(4096, 4096, true)
-            ]
-        );
-        assert_eq!((s.current_area(), s.current_committed()), (2, 88));
-        let (s2, v) = load(dev);
-        assert_eq!(v.len(), 600);
-        assert!(v
-            .iter()
-            .enumerate()
-            .all(|(i, e)| e.old_chunk.0 == 7 + i as u64));
-        assert_eq!((s2.current_area(), s2.current_committed()), (2, 88));
-    }
-
-    #[test]
-    fn held_areas_are_bounded() {
-        let epa = exceptions_per_area(ChunkSize::DEFAULT);
-        let n = MAX_HELD_AREAS as u64 * epa;
-        let dev = Arc::new(MemDev::new((n + 2 * MAX_HELD_AREAS as u64 + 16) * 4096));
-        let mut s = PersistentStore::open(dev.clone(), None, false).unwrap();
-        let chunks: Vec<Chunk> = (0..=n).map(|_| s.prepare_exception().unwrap()).collect();
-        let mut acked = 0;
-        for (i, c) in chunks.iter().take(n as usize).enumerate() {
-            acked += s
-                .commit_exception(de(i as u64, c.0), true, Box::new(|_| {}))
-                .0
-                .len();
-        }
-        // One exception still pending, yet the held areas went out.
-        assert_eq!(acked as u64, n);
-        assert_eq!(s.pending_count(), 1);
-        let (_, v) = load(dev);
-        assert_eq!(v.len() as u64, n);
-    }
-
-    /// Power loss at every write/flush of a multi-area batch written over
-    /// garbage (a stale COW), after an earlier partial area: the durable
-    /// image, and the durable image plus any prefix of the disk's cache,
-    /// load either the earlier records or all of them, never garbage.
-    #[test]
-    fn power_loss_inside_a_multi_area_batch() {
-        use crate::io::testing::CrashDev;
-        let len = 1024 * 4096;
-        let stale = || {
-            let mut img = vec![0xa5u8; len];
-            img[..4096].fill(0);
-            CrashDev::from_vec(img)
-        };
-        let run = |dev: &Arc<CrashDev>| -> (Vec<bool>, Vec<bool>) {
-            let Ok(mut s) = PersistentStore::open(dev.clone(), None, false) else {
-                return (vec![], vec![]);
-            };
-            let a = one_batch(&mut s, &**dev, 1000, 100);
-            let b = one_batch(&mut s, &**dev, 2000, 700);
-            (a, b)
-        };
-        let clean = Arc::new(stale());
-        let (a, b) = run(&clean);
-        assert_eq!((a.len(), b.len()), (100, 700));
-        let total = clean.ops();
-        let expect_first: Vec<u64> = (1000..1100).collect();
-        let expect_all: Vec<u64> = (1000..1100).chain(2000..2700).collect();
-        // Every metadata operation (the format, the first batch's commit
-        // after 100 data writes, the second batch's at the end) and some
-        // data writes; the cache's shortest and longest prefixes.
-        let points = (0..=total)
-            .filter(|&k| k < 8 || (100..112).contains(&k) || k + 8 >= total || k % 50 == 0);
-        for k in points {
-            let dev = Arc::new(stale());
-            dev.crash_after(k);
-            let (a, b) = run(&dev);
-            let cached = dev.unflushed_writes();
-            let mut keeps: Vec<usize> = [
-                0,
-                1,
-                2,
-                cached.saturating_sub(2),
-                cached.saturating_sub(1),
-                cached,
-            ]
-            .into_iter()
-            .filter(|&x| x <= cached)
-            .collect();
-            keeps.dedup();
-            for keep in keeps {
-                let img = dev.crash_keeping(keep);
-                let Ok(mut s) =
-                    PersistentStore::open(Arc::new(MemDev::from_vec(img.clone())), None, false)
-                else {
-                    // Only before the header is durable.
-                    assert!(a.is_empty(), "crash at op {k}+{keep}: lost the header");
-                    continue;
-                };
-                let mut v = Vec::new();
-                s.read_metadata(&mut |e| v.push(e))
-                    .unwrap_or_else(|e| panic!("crash at op {k}+{keep}: {e}"));
-                let olds: Vec<u64> = v.iter().map(|e| e.old_chunk.0).collect();
-                let ok_a = a.iter().all(|&x| x) && a.len() == 100;
-                let ok_b = b.iter().all(|&x| x) && b.len() == 700;
-                if ok_b {
-                    assert_eq!(
-                        olds, expect_all,
-                        "crash at op {k}+{keep}: acknowledged batch lost"
-                    );
-                } else if ok_a {
-                    assert!(
-                        olds == expect_first || olds == expect_all,
-                        "crash at op {k}+{keep}: {} records",
-                        olds.len()
-                    );
-                } else {
-                    assert!(
-                        olds.is_empty() || olds == expect_first || olds == expect_all,
-                        "crash at op {k}+{keep}: {} records",
-                        olds.len()
-                    );
-                }
-                for e in &v {
-                    let off = (e.new_chunk.0 * 4096) as usize;
-                    assert_eq!(
-                        img[off..off + 8],
-                        e.old_chunk.0.to_le_bytes(),
-                        "crash at op {k}+{keep}: record before its data"
-                    );
-                }
-            }
-        }
     }
 
     #[test]
