@@ -3,22 +3,25 @@
 //! must print the kernel's final status line, and the COW must hold the
 //! kernel's exceptions (and, where the allocation order matches, its bytes).
 
+mod common;
 mod support;
 
+use common::{case_json, exceptions_txt, fixture, pattern, sha256_hex};
 use std::collections::HashMap;
 use std::path::Path;
 use support::nbd_client::NbdClient;
-use support::*;
+use support::{ok, Daemon};
 
-fn kernel_exceptions(case: &str, file: &str) -> Vec<(u64, u64)> {
-    let t = std::fs::read_to_string(golden_dir(case).join(file)).expect("exceptions.txt");
-    t.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(|l| {
-            let v: Vec<u64> = l.split_whitespace().map(|x| x.parse().unwrap()).collect();
-            (v[0], v[1])
-        })
+fn kernel_exceptions(case: &str, cow: &str) -> Vec<(u64, u64)> {
+    exceptions_txt(case, cow)
+        .into_iter()
+        .map(|(o, n, _)| (o, n))
         .collect()
+}
+
+/// Write golden image `file` of `case` to `dst`.
+fn unpack(case: &str, file: &str, dst: &Path) {
+    std::fs::write(dst, fixture(case, file)).expect("write fixture");
 }
 
 fn dumped_exceptions(cow: &Path) -> (bool, Vec<(u64, u64)>) {
@@ -104,7 +107,7 @@ impl Replay {
     fn apply(&mut self, op: &serde_json::Value, target: &str) -> u32 {
         let off = op["offset"].as_u64().unwrap();
         let len = op["length"].as_u64().unwrap() as usize;
-        let letter = op["pattern"].as_str().unwrap().chars().next().unwrap();
+        let letter = op["pattern"].as_str().unwrap().as_bytes()[0];
         let data = pattern(letter, off, len);
         self.client(target).write(off, &data).expect("write")
     }
@@ -129,10 +132,8 @@ fn case_sizes(case: &serde_json::Value, cow: &str) -> (u64, u64) {
 }
 
 /// Compare our COW with the kernel's; returns true when byte-identical.
-fn same_bytes(case: &str, kernel_file: &str, ours: &Path, scratch: &Path) -> bool {
-    let k = scratch.join("kernel-cow.img");
-    unpack(case, kernel_file, &k);
-    std::fs::read(&k).unwrap() == std::fs::read(ours).unwrap()
+fn same_bytes(case: &str, kernel_file: &str, ours: &Path) -> bool {
+    fixture(case, kernel_file) == std::fs::read(ours).unwrap()
 }
 
 fn replay_one_snapshot(case: &str) {
@@ -171,11 +172,11 @@ fn replay_one_snapshot(case: &str) {
     assert!(valid);
     assert_eq!(
         ex,
-        kernel_exceptions(case, "cow.exceptions.txt"),
+        kernel_exceptions(case, "cow"),
         "exceptions in on-disk order"
     );
     assert!(
-        same_bytes(case, "cow.img", &cow, r.pool.path()),
+        same_bytes(case, "cow.img", &cow),
         "the COW is not byte-identical to the kernel's"
     );
 }
@@ -223,11 +224,11 @@ fn overflow_invalidates_the_snapshot_but_not_the_origin() {
     let cow = r.dir().join("snap.cow");
     let (valid, ex) = dumped_exceptions(&cow);
     assert!(!valid, "the header says invalid");
-    assert_eq!(ex, kernel_exceptions(case, "cow.exceptions.txt"));
+    assert_eq!(ex, kernel_exceptions(case, "cow"));
     // Reactivated: still Invalid.
     assert_eq!(status_of(&r.dir(), "snap"), "Invalid");
     assert!(
-        same_bytes(case, "cow.img", &cow, r.pool.path()),
+        same_bytes(case, "cow.img", &cow),
         "COW differs from the kernel's"
     );
 }
@@ -279,11 +280,11 @@ fn two_snapshots_one_taken_online_match_the_kernel() {
     r.stop();
     assert_eq!(
         dumped_exceptions(&dir.join("snapa.cow")).1,
-        kernel_exceptions(case, "cowa.exceptions.txt")
+        kernel_exceptions(case, "cowa")
     );
     assert_eq!(
         dumped_exceptions(&dir.join("snapb.cow")).1,
-        kernel_exceptions(case, "cowb.exceptions.txt")
+        kernel_exceptions(case, "cowb")
     );
 }
 
@@ -336,7 +337,7 @@ fn kernel_cow_adopted_and_merged_offline_gives_the_kernels_origin() {
     let (valid, ex) = dumped_exceptions(&t.path().join("cow.img"));
     assert!(valid && ex.is_empty());
     assert!(
-        same_bytes(case, "cow.img", &t.path().join("cow.img"), t.path()),
+        same_bytes(case, "cow.img", &t.path().join("cow.img")),
         "merged COW differs from the kernel's"
     );
 }
