@@ -229,3 +229,33 @@ fn kernel_merge_gives_the_kernels_cow() {
         "merged origin differs from the kernel's"
     );
 }
+
+/// The same load through an O_DIRECT file (read-ahead threads on a real
+/// file, unaligned buffers through FileDev's bounce path).
+#[test]
+fn kernel_cow_loads_from_an_o_direct_file() {
+    use dmsnap::io::{FileDev, OpenOptions};
+    let case = "chunk4k_mixed";
+    let img = unzstd(&case_dir(case).join("cow.img.zst"));
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let p = dir.path().join("cow.img");
+    std::fs::write(&p, &img).unwrap();
+    let dev = FileDev::open(
+        &p,
+        OpenOptions {
+            direct: true,
+            read_only: true,
+        },
+    )
+    .unwrap();
+    assert!(dev.is_direct());
+    let mut s = PersistentStore::open(Arc::new(dev), None, false).unwrap();
+    let mut got = Vec::new();
+    s.read_metadata(&mut |e| got.push(e)).unwrap();
+    let want: Vec<_> = exceptions_txt(case, "cow.exceptions.txt")
+        .into_iter()
+        .map(|x| x.0)
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(s.usage().to_string(), status_usage(case, "final_status"));
+}

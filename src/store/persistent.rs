@@ -1081,6 +1081,65 @@ mod tests {
     }
 
     #[test]
+    fn failing_to_zero_the_next_area_invalidates() {
+        let fd = Arc::new(FaultyDev::new(MemDev::new(4 << 20)));
+        let mut s = PersistentStore::open(fd.clone(), None, false).unwrap();
+        fill(&mut s, 0, 255);
+        fd.add(Fault::Range {
+            kind: OpKind::Write,
+            offset: 258 * 4096,
+            len: 4096,
+        });
+        let c = s.prepare_exception().unwrap();
+        assert_eq!(commit(&mut s, de(1000, c.0)), vec![false]);
+        assert!(!s.is_valid());
+        assert!(matches!(
+            s.take_error(),
+            Some(StoreError::ZeroArea { area: 1, .. })
+        ));
+        // The full area was never written: a reload sees the 255 before it.
+        fd.clear();
+        let (_, v) = load(fd);
+        assert_eq!(v.len(), 255);
+    }
+
+    proptest::proptest! {
+        /// Hostile metadata: any bytes in the first areas load or fail
+        /// with an error, never panic, and what loads is in range.
+        #[test]
+        fn hostile_areas_never_panic(
+            a0 in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096),
+            fill0 in 0usize..257,
+            a1 in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096),
+            len_chunks in 3u64..600,
+        ) {
+            let dev = Arc::new(MemDev::new(len_chunks * 4096));
+            PersistentStore::open(dev.clone(), None, false).unwrap();
+            // Area 0: `fill0` plausible records, then the random bytes.
+            let recs: Vec<_> = (0..fill0 as u64).map(|i| de(i, 2 + i)).collect();
+            let mut area0 = crate::format::encode_area(&recs, 4096);
+            let start = (fill0 * 16).min(4096);
+            let n = a0.len().min(4096 - start);
+            area0[start..start + n].copy_from_slice(&a0[..n]);
+            dev.write_at(&area0, 4096, WriteFlags::NONE).unwrap();
+            if len_chunks > 259 {
+                dev.write_at(&a1, 258 * 4096, WriteFlags::NONE).unwrap();
+            }
+            let mut s = PersistentStore::open(dev, None, false).unwrap();
+            let mut v = Vec::new();
+            if s.read_metadata(&mut |e| v.push(e)).is_ok() {
+                for e in &v {
+                    proptest::prop_assert!(e.new_chunk.0 < len_chunks);
+                    proptest::prop_assert!(!is_metadata_chunk(cs(8), e.new_chunk));
+                }
+                proptest::prop_assert!(s.next_free().0 >= 2);
+                let u = s.usage();
+                proptest::prop_assert!(u.metadata.0 >= 16);
+            }
+        }
+    }
+
+    #[test]
     fn prefetch_window_is_bounded() {
         assert_eq!(prefetch::window(cs(8)), 13);
         assert_eq!(prefetch::window(cs(1 << 21)), 1);
