@@ -530,8 +530,14 @@ impl Pool {
                     },
                 ));
             }
-            let mut store =
-                PersistentStore::open(Arc::new(dev), None, false).map_err(|e| error_chain(&e))?;
+            let mut store = PersistentStore::open_existing(Arc::new(dev), false)
+                .map_err(|e| error_chain(&e))?
+                .ok_or_else(|| {
+                    format!(
+                        "{} holds no snapshot store (its header is blank)",
+                        cow.display()
+                    )
+                })?;
             store
                 .read_metadata(&mut |_| ())
                 .map_err(|e| error_chain(&e))?;

@@ -71,6 +71,11 @@ impl Daemon {
         }
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.pool.join("nbd.sock")
     }
