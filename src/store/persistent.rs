@@ -423,24 +423,12 @@ impl PersistentStore {
 
     /// Mark the store invalid after a failed commit, keeping the first error.
     fn fail(&mut self, e: StoreError) {
-        tracing::error!("exception store: {}", chain(&e));
+        tracing::error!("exception store: {}", crate::error_chain(&e));
         self.valid = false;
         if self.error.is_none() {
             self.error = Some(e);
         }
     }
-}
-
-/// An error with its causes, for logs.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// A fresh store's chunk size when none is asked for: 4 KiB, or the
