@@ -391,3 +391,99 @@ fn concurrent_once(st: StoreType) {
         }
     });
 }
+
+/// A device whose first read blocks until released.
+struct HoldFirstRead {
+    inner: MemDev,
+    held: std::sync::Mutex<bool>,
+    entered: std::sync::Barrier,
+    release: std::sync::Barrier,
+}
+
+impl dmsnap::io::BlockDev for HoldFirstRead {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let first = std::mem::replace(&mut *self.held.lock().unwrap(), false);
+        // Read first, then hold: the data returned is what the device had
+        // when the read was issued; an overtaking write would show up in a
+        // later read of the test only if it landed before this one.
+        self.inner.read_at(buf, offset)?;
+        if first {
+            self.entered.wait();
+            self.release.wait();
+            // Re-read: if the origin was overwritten meanwhile, the snapshot
+            // read would return new data (the race the kernel closes).
+            self.inner.read_at(buf, offset)?;
+        }
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, f: dmsnap::io::WriteFlags) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset, f)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn discard(&self, _: u64, _: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A snapshot read sent to the origin finishes before an origin write to
+/// the same chunk overwrites it (kernel `__check_for_conflicting_io`).
+#[test]
+fn origin_write_waits_for_snapshot_reads_on_the_origin() {
+    use dmsnap::io::BlockDev;
+    let init = fill(5, 64 * 1024);
+    let dev = Arc::new(HoldFirstRead {
+        inner: MemDev::from_vec(init.clone()),
+        held: std::sync::Mutex::new(false),
+        entered: std::sync::Barrier::new(2),
+        release: std::sync::Barrier::new(2),
+    });
+    let origin = Origin::new(dev.clone() as DevRef);
+    let s = origin
+        .add_snapshot(
+            "s",
+            Arc::new(MemDev::new(1 << 20)),
+            StoreType::Persistent,
+            None,
+        )
+        .unwrap();
+    *dev.held.lock().unwrap() = true;
+    std::thread::scope(|sc| {
+        let s2 = s.clone();
+        let reader = sc.spawn(move || {
+            let mut b = vec![0; 4096];
+            s2.read_at(&mut b, 8192).unwrap();
+            b
+        });
+        dev.entered.wait();
+        let o2 = origin.clone();
+        let writer = sc.spawn(move || o2.write_at(&[0xAB; 4096], 8192, false).unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        let finished_early = writer.is_finished();
+        let mut now = vec![0; 4096];
+        dev.inner.read_at(&mut now, 8192).unwrap();
+        // Release before asserting so a failure cannot hang the scope.
+        dev.release.wait();
+        let read = reader.join().unwrap();
+        writer.join().unwrap();
+        assert!(
+            !finished_early,
+            "the origin write must wait for the snapshot read"
+        );
+        assert_eq!(
+            now,
+            &init[8192..12288],
+            "origin overwritten under a snapshot read"
+        );
+        assert_eq!(read, &init[8192..12288]);
+    });
+    let mut b = vec![0; 4096];
+    s.read_at(&mut b, 8192).unwrap();
+    assert_eq!(b, &init[8192..12288]);
+    origin.read_at(&mut b, 8192).unwrap();
+    assert_eq!(b, vec![0xAB; 4096]);
+}
