@@ -487,3 +487,75 @@ fn origin_write_waits_for_snapshot_reads_on_the_origin() {
     origin.read_at(&mut b, 8192).unwrap();
     assert_eq!(b, vec![0xAB; 4096]);
 }
+
+/// Adding a snapshot under a stream of origin writes takes a consistent
+/// point: the snapshot holds exactly the first `j` writes for some `j`, and
+/// at least every write acknowledged before `add_snapshot` was called.
+#[test]
+fn add_snapshot_under_writes_is_a_consistent_point() {
+    for st in store_types() {
+        // The writer may finish before the snapshot lands on a busy machine:
+        // retry a few times; the last attempt must have caught it mid-way.
+        let mut attempt = 0;
+        while !consistent_point_once(st, attempt == 4) {
+            attempt += 1;
+        }
+    }
+}
+
+/// One attempt; false if the writes were over before the snapshot (and
+/// `last` is false).
+fn consistent_point_once(st: StoreType, last: bool) -> bool {
+    {
+        const N: u64 = 20_000;
+        let origin = Origin::new(Arc::new(MemDev::new(N * 512)));
+        let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        std::thread::scope(|sc| {
+            let (o, a) = (origin.clone(), acked.clone());
+            sc.spawn(move || {
+                for i in 0..N {
+                    let mut sector = [0u8; 512];
+                    sector[..8].copy_from_slice(&(i + 1).to_le_bytes());
+                    o.write_at(&sector, i * 512, false).unwrap();
+                    a.store(i + 1, std::sync::atomic::Ordering::SeqCst);
+                }
+            });
+            while acked.load(std::sync::atomic::Ordering::SeqCst) < 2000 {
+                std::thread::yield_now();
+            }
+            let before = acked.load(std::sync::atomic::Ordering::SeqCst);
+            let s = origin
+                .add_snapshot(
+                    "mid",
+                    Arc::new(MemDev::new(4 << 20)),
+                    st,
+                    Some(ChunkSize::DEFAULT),
+                )
+                .unwrap();
+            let mut b = vec![0u8; (N * 512) as usize];
+            s.read_at(&mut b, 0).unwrap();
+            let vals: Vec<u64> = b
+                .chunks(512)
+                .map(|c| u64::from_le_bytes(c[..8].try_into().unwrap()))
+                .collect();
+            let j = vals.iter().take_while(|&&v| v != 0).count() as u64;
+            assert!(vals[..j as usize]
+                .iter()
+                .enumerate()
+                .all(|(i, &v)| v == i as u64 + 1));
+            assert!(
+                vals[j as usize..].iter().all(|&v| v == 0),
+                "{st}: not a prefix of the writes"
+            );
+            assert!(
+                j >= before,
+                "{st}: a write acknowledged before add_snapshot is missing ({j} < {before})"
+            );
+            assert!(
+                j < N || !last,
+                "{st}: the writes were over before the snapshot was taken"
+            );
+            j < N
+        })
+    }
+}
