@@ -559,3 +559,39 @@ fn consistent_point_once(st: StoreType, last: bool) -> bool {
         })
     }
 }
+
+/// A COW write error invalidates that snapshot only: the origin write goes
+/// on, the other snapshot keeps working and keeps its content.
+#[test]
+fn cow_error_invalidates_only_that_snapshot() {
+    use dmsnap::io::testing::{Fault, FaultyDev, OpKind};
+    for st in store_types() {
+        let init = fill(11, ORIGIN as usize);
+        let origin = Origin::new(Arc::new(MemDev::from_vec(init.clone())));
+        let bad = Arc::new(FaultyDev::new(MemDev::new(1 << 20)));
+        let sbad = origin.add_snapshot("bad", bad.clone(), st, None).unwrap();
+        let sgood = origin
+            .add_snapshot("good", Arc::new(MemDev::new(1 << 20)), st, None)
+            .unwrap();
+        bad.add(Fault::Always {
+            kind: OpKind::Write,
+        });
+        let d = fill(12, 10_000);
+        origin.write_at(&d, 5000, false).unwrap();
+        assert_eq!(sbad.status().state, SnapState::Invalid, "{st}");
+        assert_eq!(sgood.status().state, SnapState::Active, "{st}");
+        let mut b = vec![0; ORIGIN as usize];
+        sgood.read_at(&mut b, 0).unwrap();
+        assert!(b == init, "{st}: the good snapshot changed");
+        origin.read_at(&mut b, 0).unwrap();
+        assert_eq!(&b[5000..15000], &d[..]);
+        assert!(matches!(
+            sbad.read_at(&mut b[..512], 0),
+            Err(DevError::Invalid)
+        ));
+        // Later origin writes are not held up by the invalid snapshot.
+        origin.write_at(&d, 50_000, false).unwrap();
+        sgood.read_at(&mut b, 0).unwrap();
+        assert!(b == init, "{st}: the good snapshot changed");
+    }
+}
