@@ -490,73 +490,73 @@ fn origin_write_waits_for_snapshot_reads_on_the_origin() {
 
 /// Adding a snapshot under a stream of origin writes takes a consistent
 /// point: the snapshot holds exactly the first `j` writes for some `j`, and
-/// at least every write acknowledged before `add_snapshot` was called.
+/// at least every write acknowledged before `add_snapshot` was called. The
+/// writer keeps going (wrapping around the device) until the snapshot has
+/// been read back, so the snapshot always lands mid-stream.
 #[test]
 fn add_snapshot_under_writes_is_a_consistent_point() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+    const N: u64 = 4096; // sectors
     for st in store_types() {
-        // The writer may finish before the snapshot lands on a busy machine:
-        // retry a few times; the last attempt must have caught it mid-way.
-        let mut attempt = 0;
-        while !consistent_point_once(st, attempt == 4) {
-            attempt += 1;
-        }
-    }
-}
-
-/// One attempt; false if the writes were over before the snapshot (and
-/// `last` is false).
-fn consistent_point_once(st: StoreType, last: bool) -> bool {
-    {
-        const N: u64 = 20_000;
         let origin = Origin::new(Arc::new(MemDev::new(N * 512)));
-        let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let acked = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
         std::thread::scope(|sc| {
-            let (o, a) = (origin.clone(), acked.clone());
+            let (o, a, stop2) = (origin.clone(), acked.clone(), stop.clone());
             sc.spawn(move || {
-                for i in 0..N {
+                let mut i = 0u64;
+                while !stop2.load(SeqCst) {
                     let mut sector = [0u8; 512];
                     sector[..8].copy_from_slice(&(i + 1).to_le_bytes());
-                    o.write_at(&sector, i * 512, false).unwrap();
-                    a.store(i + 1, std::sync::atomic::Ordering::SeqCst);
+                    o.write_at(&sector, (i % N) * 512, false).unwrap();
+                    i += 1;
+                    a.store(i, SeqCst);
                 }
             });
-            while acked.load(std::sync::atomic::Ordering::SeqCst) < 2000 {
+            while acked.load(SeqCst) < 3 * N / 2 {
                 std::thread::yield_now();
             }
-            let before = acked.load(std::sync::atomic::Ordering::SeqCst);
+            let before = acked.load(SeqCst);
             let s = origin
                 .add_snapshot(
                     "mid",
-                    Arc::new(MemDev::new(4 << 20)),
+                    Arc::new(MemDev::new(8 << 20)),
                     st,
                     Some(ChunkSize::DEFAULT),
                 )
                 .unwrap();
             let mut b = vec![0u8; (N * 512) as usize];
             s.read_at(&mut b, 0).unwrap();
+            // Writes went on while we read: the snapshot must not move.
+            let mut again = vec![0u8; (N * 512) as usize];
+            s.read_at(&mut again, 0).unwrap();
+            stop.store(true, SeqCst);
+            assert!(b == again, "{st}: the snapshot changed under origin writes");
             let vals: Vec<u64> = b
                 .chunks(512)
                 .map(|c| u64::from_le_bytes(c[..8].try_into().unwrap()))
                 .collect();
-            let j = vals.iter().take_while(|&&v| v != 0).count() as u64;
-            assert!(vals[..j as usize]
-                .iter()
-                .enumerate()
-                .all(|(i, &v)| v == i as u64 + 1));
-            assert!(
-                vals[j as usize..].iter().all(|&v| v == 0),
-                "{st}: not a prefix of the writes"
-            );
+            // The state after exactly j writes: sector k holds 1 + the last
+            // i < j with i ≡ k (mod N).
+            let j = *vals.iter().max().unwrap();
             assert!(
                 j >= before,
                 "{st}: a write acknowledged before add_snapshot is missing ({j} < {before})"
             );
-            assert!(
-                j < N || !last,
-                "{st}: the writes were over before the snapshot was taken"
-            );
-            j < N
-        })
+            let last = j - 1;
+            for (k, &v) in vals.iter().enumerate() {
+                let k = k as u64;
+                let want = if last >= k {
+                    last - ((last - k) % N) + 1
+                } else {
+                    0
+                };
+                assert_eq!(
+                    v, want,
+                    "{st}: sector {k} is not the state after {j} writes"
+                );
+            }
+        });
     }
 }
 
