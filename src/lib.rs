@@ -8,6 +8,7 @@
 //! → [`format::DiskException`]; `dm_exception_store_type` →
 //! [`store::ExceptionStore`]; `persistent_*` → `store::persistent`.
 
+pub mod bench;
 pub mod copier;
 pub mod device;
 pub mod exception;

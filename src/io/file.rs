@@ -48,6 +48,22 @@ impl FileDev {
         } else {
             (meta.len(), 512)
         };
+        if opts.direct && len % u64::from(block_size) != 0 {
+            // O_DIRECT cannot transfer the partial last block without
+            // growing the file past its size; such a file is served
+            // through the page cache instead.
+            tracing::warn!(
+                "{}: size {len} is not a multiple of {block_size} bytes; not using O_DIRECT",
+                path.display()
+            );
+            return Self::open(
+                path,
+                OpenOptions {
+                    direct: false,
+                    ..opts
+                },
+            );
+        }
         Ok(FileDev {
             file,
             path: path.to_path_buf(),

@@ -334,15 +334,20 @@ impl PersistentStore {
         }
     }
 
-    /// Check one loaded record against the device geometry.
-    fn check_record(&self, area: u64, slot: u64, e: DiskException) -> Result<(), StoreError> {
+    /// Check one loaded record against the device geometry (`cow_chunks`:
+    /// whole chunks on the device, computed once per load).
+    fn check_record(
+        &self,
+        cow_chunks: u64,
+        area: u64,
+        slot: u64,
+        e: DiskException,
+    ) -> Result<(), StoreError> {
         let corrupt = |what: String| StoreError::Corrupt { area, slot, what };
-        if e.new_chunk.0 >= self.cow_chunks() {
+        if e.new_chunk.0 >= cow_chunks {
             return Err(corrupt(format!(
                 "new_chunk {} (old_chunk {}) lies beyond the end of the COW device ({} chunks)",
-                e.new_chunk,
-                e.old_chunk,
-                self.cow_chunks()
+                e.new_chunk, e.old_chunk, cow_chunks
             )));
         }
         if is_metadata_chunk(self.chunk_size, e.new_chunk) {
@@ -358,6 +363,7 @@ impl PersistentStore {
     /// the last (partial) area as the working area.
     fn read_exceptions(&mut self, sink: &mut dyn FnMut(DiskException)) -> Result<(), StoreError> {
         let areas = self.areas_on_device();
+        let cow_chunks = self.cow_chunks();
         let cow = self.cow.clone();
         let chunk_size = self.chunk_size;
         let (last_area, committed, last, next_free) =
@@ -373,7 +379,7 @@ impl PersistentStore {
                                 "metadata area {area} (chunk {}) lies beyond the end of the COW \
                                  device ({} chunks): the exception list has no terminator",
                                 area_location(chunk_size, area),
-                                self.cow_chunks()
+                                cow_chunks
                             ),
                         });
                     }
@@ -391,7 +397,7 @@ impl PersistentStore {
                             end = Some(slot);
                             break;
                         }
-                        self.check_record(area, slot, e)?;
+                        self.check_record(cow_chunks, area, slot, e)?;
                         if next_free.0 <= e.new_chunk.0 {
                             next_free = Chunk(e.new_chunk.0 + 1);
                         }
@@ -1070,6 +1076,65 @@ mod tests {
                 assert_eq!(r.usage(), s.usage(), "round {round}");
                 assert_eq!(r.current_area(), s.current_area());
                 assert_eq!(r.current_committed(), s.current_committed());
+            }
+        }
+    }
+
+    #[test]
+    fn failing_to_zero_the_next_area_invalidates() {
+        let fd = Arc::new(FaultyDev::new(MemDev::new(4 << 20)));
+        let mut s = PersistentStore::open(fd.clone(), None, false).unwrap();
+        fill(&mut s, 0, 255);
+        fd.add(Fault::Range {
+            kind: OpKind::Write,
+            offset: 258 * 4096,
+            len: 4096,
+        });
+        let c = s.prepare_exception().unwrap();
+        assert_eq!(commit(&mut s, de(1000, c.0)), vec![false]);
+        assert!(!s.is_valid());
+        assert!(matches!(
+            s.take_error(),
+            Some(StoreError::ZeroArea { area: 1, .. })
+        ));
+        // The full area was never written: a reload sees the 255 before it.
+        fd.clear();
+        let (_, v) = load(fd);
+        assert_eq!(v.len(), 255);
+    }
+
+    proptest::proptest! {
+        /// Hostile metadata: any bytes in the first areas load or fail
+        /// with an error, never panic, and what loads is in range.
+        #[test]
+        fn hostile_areas_never_panic(
+            a0 in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096),
+            fill0 in 0usize..257,
+            a1 in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096),
+            len_chunks in 3u64..600,
+        ) {
+            let dev = Arc::new(MemDev::new(len_chunks * 4096));
+            PersistentStore::open(dev.clone(), None, false).unwrap();
+            // Area 0: `fill0` plausible records, then the random bytes.
+            let recs: Vec<_> = (0..fill0 as u64).map(|i| de(i, 2 + i)).collect();
+            let mut area0 = crate::format::encode_area(&recs, 4096);
+            let start = (fill0 * 16).min(4096);
+            let n = a0.len().min(4096 - start);
+            area0[start..start + n].copy_from_slice(&a0[..n]);
+            dev.write_at(&area0, 4096, WriteFlags::NONE).unwrap();
+            if len_chunks > 259 {
+                dev.write_at(&a1, 258 * 4096, WriteFlags::NONE).unwrap();
+            }
+            let mut s = PersistentStore::open(dev, None, false).unwrap();
+            let mut v = Vec::new();
+            if s.read_metadata(&mut |e| v.push(e)).is_ok() {
+                for e in &v {
+                    proptest::prop_assert!(e.new_chunk.0 < len_chunks);
+                    proptest::prop_assert!(!is_metadata_chunk(cs(8), e.new_chunk));
+                }
+                proptest::prop_assert!(s.next_free().0 >= 2);
+                let u = s.usage();
+                proptest::prop_assert!(u.metadata.0 >= 16);
             }
         }
     }

@@ -51,6 +51,7 @@ pub(super) struct AreaSource<'a> {
 
 struct Threaded<'a> {
     shared: &'a Shared,
+    threads: u64,
     rx: Receiver<AreaResult>,
     /// Areas that arrived before the one wanted (out of order).
     early: BTreeMap<u64, io::Result<Vec<u8>>>,
@@ -72,10 +73,15 @@ impl AreaSource<'_> {
         };
         {
             let mut w = t.shared.win.lock();
+            let slid = area - w.wanted.min(area);
             w.wanted = area;
             // A caller that skipped areas: let the readers catch up.
             w.next = w.next.max(area);
-            t.shared.cv.notify_all();
+            // Each area the window slid by frees one claim: wake that many
+            // readers, not all of them.
+            for _ in 0..slid.min(t.threads) {
+                t.shared.cv.notify_one();
+            }
         }
         t.early.retain(|&a, _| a >= area);
         loop {
@@ -154,7 +160,7 @@ pub(super) fn with_areas<R>(
     };
     std::thread::scope(|s| {
         let (tx, rx) = crossbeam_channel::bounded(window as usize);
-        let mut spawned = 0;
+        let mut spawned = 0u64;
         for _ in 0..threads {
             let tx = tx.clone();
             let shared = &shared;
@@ -177,6 +183,7 @@ pub(super) fn with_areas<R>(
             chunk_size,
             threaded: (spawned > 0).then(|| Threaded {
                 shared: &shared,
+                threads: spawned,
                 rx,
                 early: BTreeMap::new(),
             }),
