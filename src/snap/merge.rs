@@ -322,7 +322,7 @@ impl Origin {
     /// A write to the origin while merging: chunks with an exception go to
     /// the COW (tracked; writes into the run being merged wait for its
     /// commit, then go to the origin); the rest go to the origin through the
-    /// COW trigger of the other snapshots.
+    /// COW trigger of the other snapshots. Caller holds the gate shared.
     pub(crate) fn merge_write(
         &self,
         snap: &Snapshot,
@@ -332,7 +332,6 @@ impl Origin {
     ) -> Result<(), DevError> {
         let cs = snap.chunk_size();
         let ps = pieces(cs, offset, buf.len() as u64);
-        let _g = self.gate.read();
         let mut cow_segs: Vec<(u64, usize, usize)> = Vec::new();
         let mut origin_segs: Vec<(u64, usize, usize)> = Vec::new();
         let mut tracked = Vec::new();
