@@ -372,3 +372,65 @@ fn kernel_cow_merged_online_reads_as_the_snapshot_at_once() {
         "[]"
     );
 }
+
+/// A merge the kernel stopped half-way leaves the merged records cleared on
+/// disk (its resume marker) and their chunks already copied to the origin.
+/// Build exactly that from the kernel's pre-merge pair, adopt it, and finish.
+#[test]
+fn merge_the_kernel_left_half_done_resumes_to_the_kernels_origin() {
+    let case = "merge_complete";
+    let c = case_json(case);
+    let t = tempfile::tempdir().unwrap();
+    let mut origin = fixture(case, "origin_pre_merge.img");
+    let mut cow = fixture(case, "cow_pre_merge.img");
+    let records = kernel_exceptions(case, "cow_pre_merge");
+    const CHUNK: usize = 4096;
+    const PER_AREA: usize = CHUNK / 16;
+    // The kernel merges from the last record backwards; 300 of 580 records
+    // span the last area (emptied) and the tail of the one before.
+    let merged = 300;
+    for (i, &(old, new)) in records.iter().enumerate().rev().take(merged) {
+        let area_chunk = 1 + (i / PER_AREA) * (PER_AREA + 1);
+        let slot = area_chunk * CHUNK + (i % PER_AREA) * 16;
+        cow[slot..slot + 16].fill(0);
+        let (o, n) = (old as usize * CHUNK, new as usize * CHUNK);
+        origin[o..o + CHUNK].copy_from_slice(&cow[n..n + CHUNK]);
+    }
+    std::fs::write(t.path().join("origin.img"), &origin).unwrap();
+    std::fs::write(t.path().join("cow.img"), &cow).unwrap();
+    let (valid, left) = dumped_exceptions(&t.path().join("cow.img"));
+    assert!(valid);
+    assert_eq!(
+        left,
+        records[..records.len() - merged],
+        "the cleared records end the list"
+    );
+    let p = t.path().join("pool");
+    ok(&[
+        "create",
+        p.to_str().unwrap(),
+        "--origin",
+        t.path().join("origin.img").to_str().unwrap(),
+    ]);
+    ok(&[
+        "snapshot",
+        "create",
+        p.to_str().unwrap(),
+        "snap",
+        "--cow",
+        t.path().join("cow.img").to_str().unwrap(),
+    ]);
+    ok(&["merge", p.to_str().unwrap(), "snap"]);
+    let merged_origin = std::fs::read(t.path().join("origin.img")).unwrap();
+    assert_eq!(
+        sha256_hex(&merged_origin),
+        c["images"]["origin_post_merge.img"]["sha256"]
+            .as_str()
+            .unwrap(),
+        "the origin ends as the kernel's fully merged origin"
+    );
+    assert!(
+        same_bytes(case, "cow.img", &t.path().join("cow.img")),
+        "the COW ends as the kernel's emptied COW"
+    );
+}
