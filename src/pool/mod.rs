@@ -716,7 +716,13 @@ impl ActivePool {
         let e = pool.entry(name)?;
         if let Some(m) = pool.manifest.merging() {
             if m.name == name {
-                return Ok(()); // already merging: idempotent
+                // Already merging: idempotent; a merge that failed is retried
+                // from its on-disk state (the records not yet cleared).
+                if self.origin.merge_status().is_some_and(|st| st.failed.is_some()) {
+                    self.origin.stop_merge();
+                    self.origin.start_merge(name)?;
+                }
+                return Ok(());
             }
             return Err(PoolError::Invalid(format!(
                 "snapshot '{}' is already merging",
