@@ -37,6 +37,7 @@ fn chunk_arg(s: &str) -> Result<ChunkSize, String> {
 #[command(group = clap::ArgGroup::new("origin_src").required(true).args(["size", "origin"]))]
 pub struct CreateArgs {
     /// The pool directory (created if missing).
+    /// The pool directory.
     pub pool: PathBuf,
     /// Make a sparse origin image POOL/origin.img of this size (e.g. 1G, 512M, 4096).
     #[arg(long, value_parser = size_arg)]
@@ -65,17 +66,24 @@ pub enum SnapshotCmd {
     Create(SnapshotCreateArgs),
     /// List the pool's snapshots.
     List {
+        /// The pool directory.
         pool: PathBuf,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// Remove a snapshot (its COW is deleted if the pool created it).
-    Remove { pool: PathBuf, name: String },
+    Remove {
+        /// The pool directory.
+        pool: PathBuf,
+        /// The snapshot to remove.
+        name: String,
+    },
 }
 
 #[derive(Args, Debug)]
 pub struct SnapshotCreateArgs {
+    /// The pool directory.
     pub pool: PathBuf,
     /// Snapshot name; also its NBD export name and FUSE file name.
     pub name: String,
@@ -200,6 +208,7 @@ fn get_status(dir: &Path) -> Result<PoolStatus> {
 /// Show the origin and each snapshot's usage as `dmsetup status` prints it.
 #[derive(Args, Debug)]
 pub struct StatusArgs {
+    /// The pool directory.
     pub pool: PathBuf,
     /// Print one JSON object.
     #[arg(long)]
@@ -267,6 +276,7 @@ pub fn status(a: StatusArgs) -> Result<()> {
 /// Serve the pool: NBD on POOL/nbd.sock (and TCP or FUSE when asked) until SIGINT/SIGTERM.
 #[derive(Args, Debug)]
 pub struct ServeArgs {
+    /// The pool directory.
     pub pool: PathBuf,
     /// Where to listen for NBD clients: unix:PATH or tcp:HOST:PORT; repeatable
     /// [default: unix:POOL/nbd.sock].
@@ -443,7 +453,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
 /// Roll the origin back to snapshot NAME (the kernel's snapshot-merge).
 #[derive(Args, Debug)]
 pub struct MergeArgs {
+    /// The pool directory.
     pub pool: PathBuf,
+    /// The snapshot to roll the origin back to.
     pub name: String,
     /// With a daemon running: wait until the merge ends (with a progress bar on a TTY).
     #[arg(long)]
