@@ -37,7 +37,6 @@ fn chunk_arg(s: &str) -> Result<ChunkSize, String> {
 #[command(group = clap::ArgGroup::new("origin_src").required(true).args(["size", "origin"]))]
 pub struct CreateArgs {
     /// The pool directory (created if missing).
-    /// The pool directory.
     pub pool: PathBuf,
     /// Make a sparse origin image POOL/origin.img of this size (e.g. 1G, 512M, 4096).
     #[arg(long, value_parser = size_arg)]
