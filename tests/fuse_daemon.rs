@@ -939,7 +939,7 @@ pub fn bench_fs_through_daemon_report(opts: &DaemonBenchOptions) -> DaemonBenchR
 }
 
 /// `cargo test --release --test fuse_daemon bench_fs_through_daemon -- --ignored --nocapture`
-/// (DMSNAP_BENCH_RUNS, DMSNAP_BENCH_DIRECT=0, DMSNAP_BENCH_CHUNK=none|4k|64k...).
+/// (DMSNAP_BENCH_RUNS, DMSNAP_BENCH_FILE_MIB, DMSNAP_BENCH_DIRECT=0, DMSNAP_BENCH_CHUNK=none|4k|64k...).
 #[test]
 #[ignore = "benchmark"]
 fn bench_fs_through_daemon() {
@@ -947,6 +947,10 @@ fn bench_fs_through_daemon() {
     let mut opts = DaemonBenchOptions::new(tmp.path());
     if let Ok(r) = std::env::var("DMSNAP_BENCH_RUNS") {
         opts.runs = r.parse().unwrap();
+    }
+    if let Ok(m) = std::env::var("DMSNAP_BENCH_FILE_MIB") {
+        opts.file_size = m.parse::<u64>().unwrap() * MIB;
+        opts.device_size = opts.device_size.max(2 * opts.file_size);
     }
     if let Ok(d) = std::env::var("DMSNAP_BENCH_DIRECT") {
         opts.direct = d != "0";
