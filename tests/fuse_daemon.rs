@@ -222,23 +222,24 @@ impl Drop for OptMount {
     }
 }
 
-/// `fsfreeze -f DIR`; thawed on drop (also on panic).
-struct Frozen(PathBuf);
+/// `fsfreeze -f DIR`; thawed by [`Frozen::thaw`], or on drop (panic).
+struct Frozen(Option<PathBuf>);
 
 impl Frozen {
     fn freeze(dir: &Path) -> Frozen {
         bench::run(Command::new("fsfreeze").arg("-f").arg(dir)).expect("fsfreeze -f");
-        Frozen(dir.to_path_buf())
+        Frozen(Some(dir.to_path_buf()))
     }
-    fn thaw(self) {
-        // Drop does it.
+    fn thaw(mut self) {
+        let dir = self.0.take().unwrap();
+        bench::run(Command::new("fsfreeze").arg("-u").arg(&dir)).expect("fsfreeze -u");
     }
 }
 
 impl Drop for Frozen {
     fn drop(&mut self) {
-        if let Err(e) = bench::run(Command::new("fsfreeze").arg("-u").arg(&self.0)) {
-            eprintln!("warning: {e}");
+        if let Some(dir) = self.0.take() {
+            let _ = Command::new("fsfreeze").arg("-u").arg(&dir).status();
         }
     }
 }
