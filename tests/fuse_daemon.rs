@@ -8,6 +8,7 @@
 //! daemon with one 4 KiB-chunk snapshot against ext4 on a plain file.
 #![cfg(feature = "fuse")]
 
+mod common;
 mod support;
 
 use dmsnap::export::fuse::bench::{self, FsMount, LoopDevice};
@@ -308,7 +309,7 @@ fn tree(root: &Path) -> Files {
 fn digests(files: &Files) -> BTreeMap<String, String> {
     files
         .iter()
-        .map(|(k, v)| (k.clone(), support::sha256_hex(v)))
+        .map(|(k, v)| (k.clone(), common::sha256_hex(v)))
         .collect()
 }
 
@@ -582,7 +583,7 @@ fn snapshot_files_appear_and_vanish_while_mounted() {
 const STRIPE: u64 = 64 * KIB;
 
 fn pattern_a(off: u64, len: usize) -> Vec<u8> {
-    support::pattern('A', off, len)
+    common::pattern(b'A', off, len)
 }
 
 #[test]
