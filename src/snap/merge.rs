@@ -282,9 +282,11 @@ impl Origin {
                     snap.cond.wait(&mut i);
                 }
             }
-            // 3. Copy every run back, one job (one I/O) per run, in parallel.
+            // 3. Copy every run back, one job (one I/O) per run, in parallel;
+            // submitted in ascending COW order (the batch comes last run
+            // first) so reads of a cold COW go forwards.
             let (tx, rx) = crossbeam_channel::unbounded();
-            for &(first_old, first_new, _, off, len) in &runs {
+            for &(first_old, first_new, _, off, len) in runs.iter().rev() {
                 let tx = tx.clone();
                 self.copier.copy(
                     Region {
