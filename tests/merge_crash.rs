@@ -9,7 +9,7 @@
 //! inside areas and one batch across the area boundary).
 
 use dmsnap::device::Device;
-use dmsnap::io::testing::CrashGroup;
+use dmsnap::io::testing::{CrashDev, CrashGroup};
 use dmsnap::io::{BlockDev, DevRef, MemDev, WriteFlags};
 use dmsnap::snap::Origin;
 use dmsnap::store::StoreType;
@@ -212,11 +212,20 @@ fn crash_at_every_op(batch: Option<u64>) -> u64 {
             }
         }
         o.stop_merge();
-        // Resume from what survived.
-        let o2 = Origin::new(Arc::new(MemDev::from_vec(od.crash())));
+        // Resume from what survived: the durable images, and at every
+        // other cut also the first half of each device's cached writes (a
+        // disk may persist some of its cache before power goes).
+        let survived = |d: &CrashDev| {
+            if k % 2 == 1 {
+                d.crash_keeping(d.unflushed_writes() / 2)
+            } else {
+                d.crash()
+            }
+        };
+        let o2 = Origin::new(Arc::new(MemDev::from_vec(survived(&od))));
         o2.add_snapshot(
             "a",
-            Arc::new(MemDev::from_vec(ca.crash())) as DevRef,
+            Arc::new(MemDev::from_vec(survived(&ca))) as DevRef,
             StoreType::Persistent,
             None,
         )
@@ -224,7 +233,7 @@ fn crash_at_every_op(batch: Option<u64>) -> u64 {
         let b2 = o2
             .add_snapshot(
                 "b",
-                Arc::new(MemDev::from_vec(cb.crash())) as DevRef,
+                Arc::new(MemDev::from_vec(survived(&cb))) as DevRef,
                 StoreType::Persistent,
                 None,
             )
