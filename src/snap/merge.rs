@@ -40,6 +40,19 @@ pub const MERGE_BATCH_CHUNKS: u64 = 8192;
 /// chunks of the batch wait for all of it: this bounds their latency.
 pub const MERGE_BATCH_BYTES: u64 = 64 << 20;
 
+/// `(first, n)` runs sorted, overlapping or touching ones joined.
+fn coalesce(mut runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    runs.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+    for (f, n) in runs {
+        match out.last_mut() {
+            Some(l) if f <= l.0 + l.1 => l.1 = l.1.max(f + n - l.0),
+            _ => out.push((f, n)),
+        }
+    }
+    out
+}
+
 /// Is origin chunk `c` in one of `runs` (`(first, n)`, sorted, disjoint)?
 fn in_runs(runs: &[(u64, u64)], c: u64) -> bool {
     let k = runs.partition_point(|r| r.0 <= c);
@@ -250,8 +263,7 @@ impl Origin {
                 runs.push((first_old, new + 1 - n, n, off, len));
                 nr += n;
             }
-            // Exceptions on disk must be in memory too (and the runs, each
-            // from a distinct record, are then disjoint).
+            // Exceptions on disk must be in memory too.
             {
                 let i = snap.inner.lock();
                 for &(first_old, first_new, n, _, _) in &runs {
@@ -266,8 +278,7 @@ impl Origin {
                     }
                 }
             }
-            let mut published: Vec<(u64, u64)> = runs.iter().map(|r| (r.0, r.2)).collect();
-            published.sort_unstable();
+            let published = coalesce(runs.iter().map(|r| (r.0, r.2)).collect());
             {
                 let _g = self.gate.read();
                 // 1. Other snapshots keep their content: trigger their
@@ -503,5 +514,20 @@ impl Origin {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{coalesce, in_runs};
+
+    #[test]
+    fn published_runs_answer_membership() {
+        let runs = coalesce(vec![(50, 1), (10, 5), (12, 2), (15, 3), (100, 4)]);
+        assert_eq!(runs, vec![(10, 8), (50, 1), (100, 4)]);
+        let inside: Vec<u64> = (0..120).filter(|&c| in_runs(&runs, c)).collect();
+        let want: Vec<u64> = (10..18).chain([50]).chain(100..104).collect();
+        assert_eq!(inside, want);
+        assert!(!in_runs(&[], 0));
     }
 }
