@@ -53,6 +53,10 @@ fn coalesce(mut runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     out
 }
 
+/// Environment variable overriding the exceptions per merge step (`1`:
+/// one run per step, as the kernel), for tests that need a slow merge.
+pub const MERGE_BATCH_ENV: &str = "DMSNAP_MERGE_BATCH_CHUNKS";
+
 /// Is origin chunk `c` in one of `runs` (`(first, n)`, sorted, disjoint)?
 fn in_runs(runs: &[(u64, u64)], c: u64) -> bool {
     let k = runs.partition_point(|r| r.0 <= c);
@@ -380,15 +384,19 @@ impl Origin {
         }
     }
 
-    /// Exceptions per merge step: the set limit, else [`MERGE_BATCH_CHUNKS`]
-    /// or [`MERGE_BATCH_BYTES`] of data, whichever is less.
+    /// Exceptions per merge step: the limit set by
+    /// [`set_merge_batch_chunks`](Self::set_merge_batch_chunks), else the
+    /// environment's [`MERGE_BATCH_ENV`], else [`MERGE_BATCH_CHUNKS`] or
+    /// [`MERGE_BATCH_BYTES`] of data, whichever is less.
     fn merge_batch_chunks(&self, cs: ChunkSize) -> u64 {
-        match self.merge.lock().batch_chunks {
-            Some(n) => n.max(1),
-            None => MERGE_BATCH_CHUNKS
-                .min(MERGE_BATCH_BYTES / cs.bytes())
-                .max(1),
-        }
+        let set = self.merge.lock().batch_chunks;
+        set.or_else(|| {
+            std::env::var(MERGE_BATCH_ENV)
+                .ok()
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or_else(|| MERGE_BATCH_CHUNKS.min(MERGE_BATCH_BYTES / cs.bytes()))
+        .max(1)
     }
 
     /// Limit how many exceptions one merge step takes (`1`: one run per
