@@ -162,6 +162,10 @@ fn kill9(d: Daemon) {
 
 #[test]
 fn merge_survives_kill_9_and_resumes_on_serve_and_offline() {
+    // The kills must land mid-merge: the daemons merge one run per step (as
+    // the kernel), not in the default batches that would take these 8 MiB
+    // in one step. Only this test in this binary merges.
+    std::env::set_var("DMSNAP_MERGE_BATCH_CHUNKS", "1");
     const CHUNKS: u64 = 2048; // 8 MiB of 4 KiB chunks
     let t = tempfile::tempdir().unwrap();
     let p = t.path().join("pool");

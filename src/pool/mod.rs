@@ -718,7 +718,11 @@ impl ActivePool {
             if m.name == name {
                 // Already merging: idempotent; a merge that failed is retried
                 // from its on-disk state (the records not yet cleared).
-                if self.origin.merge_status().is_some_and(|st| st.failed.is_some()) {
+                if self
+                    .origin
+                    .merge_status()
+                    .is_some_and(|st| st.failed.is_some())
+                {
                     self.origin.stop_merge();
                     self.origin.start_merge(name)?;
                 }
