@@ -67,10 +67,25 @@ struct Served {
 impl Served {
     /// `dmsnap create POOL --size SIZE`, then `serve POOL --fuse DIR EXTRA`.
     fn start(size: &str, extra: &[&str]) -> Served {
-        Self::start_in(tempfile::tempdir().unwrap(), size, extra)
+        Self::start_in(tempfile::tempdir().unwrap(), size, extra, &[])
     }
 
-    fn start_in(tmp: tempfile::TempDir, size: &str, extra: &[&str]) -> Served {
+    /// A daemon that merges one run per step, so a test can act mid-merge.
+    fn start_slow_merge(size: &str, extra: &[&str]) -> Served {
+        Self::start_in(
+            tempfile::tempdir().unwrap(),
+            size,
+            extra,
+            &[support::SLOW_MERGE],
+        )
+    }
+
+    fn start_in(
+        tmp: tempfile::TempDir,
+        size: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Served {
         let base = tmp.path().canonicalize().unwrap();
         let pool = base.join("pool");
         let dir = base.join("fuse");
@@ -83,7 +98,7 @@ impl Served {
         let cleanup = UmountOnDrop(dir.clone());
         let mut args = vec!["--fuse", dir.to_str().unwrap()];
         args.extend_from_slice(extra);
-        let daemon = Daemon::start(&pool, &args);
+        let daemon = Daemon::start_env(&pool, &args, env);
         Served {
             daemon: Some(daemon),
             _cleanup: cleanup,
@@ -480,7 +495,7 @@ fn ext4_merge_through_fuse_rolls_the_origin_back() {
 
 #[test]
 fn ext4_merge_through_fuse_rolls_the_origin_back_at_once_for_readers() {
-    let s = Served::start("256M", &[]);
+    let s = Served::start_slow_merge("256M", &[]);
     let (lo, at_snapshot, _now) = ext4_with_snapshot(&s);
     ok(&["merge", s.ps(), "snap1"]);
     let t = Instant::now();
@@ -590,7 +605,7 @@ fn pattern_a(off: u64, len: usize) -> Vec<u8> {
 fn merge_while_a_client_writes_the_origin_through_fuse() {
     const SIZE: u64 = 64 * MIB;
     const FILLED: u64 = 16 * MIB;
-    let s = Served::start("64M", &[]);
+    let s = Served::start_slow_merge("64M", &[]);
     let origin_path = s.origin();
     let origin = std::fs::OpenOptions::new()
         .read(true)
@@ -874,7 +889,7 @@ fn daemon_run(opts: &DaemonBenchOptions, run: usize) -> PhaseTimes {
         extra.push("--direct");
     }
     let size = format!("{}", opts.device_size);
-    let s = Served::start_in(tmp, &size, &extra);
+    let s = Served::start_in(tmp, &size, &extra, &[]);
     let lo = LoopDevice::attach_prefer_direct(&s.origin()).unwrap();
     bench::run_mkfs(lo.path()).unwrap();
     if let Some(cs) = &opts.chunk_size {

@@ -30,6 +30,11 @@ pub fn ok(args: &[&str]) -> String {
     String::from_utf8(o.stdout).expect("utf8 stdout")
 }
 
+/// Environment for a daemon whose merge must be watched mid-way: one run per
+/// step, as the kernel merges, instead of the default batches that finish a
+/// small test merge in one step.
+pub const SLOW_MERGE: (&str, &str) = ("DMSNAP_MERGE_BATCH_CHUNKS", "1");
+
 /// A running `dmsnap serve`, stopped with SIGTERM on drop.
 pub struct Daemon {
     child: Option<Child>,
@@ -38,10 +43,16 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(pool: &Path, extra: &[&str]) -> Daemon {
+        Self::start_env(pool, extra, &[])
+    }
+
+    /// Like [`Daemon::start`], with extra environment for the daemon.
+    pub fn start_env(pool: &Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let mut child = Command::new(bin())
             .arg("serve")
             .arg(pool)
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
