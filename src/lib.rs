@@ -21,3 +21,16 @@ pub mod snap;
 pub mod store;
 pub mod tools;
 pub mod units;
+
+/// An error and its causes as one line, `outer: cause: root cause`, for logs
+/// and for messages that cross a process boundary (the control socket).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

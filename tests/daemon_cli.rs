@@ -7,7 +7,7 @@ mod support;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use support::nbd_client::NbdClient;
-use support::*;
+use support::{dmsnap, ok, Daemon};
 
 fn uri(pool: &std::path::Path, export: &str) -> String {
     format!(

@@ -3,22 +3,25 @@
 //! must print the kernel's final status line, and the COW must hold the
 //! kernel's exceptions (and, where the allocation order matches, its bytes).
 
+mod common;
 mod support;
 
+use common::{case_json, exceptions_txt, fixture, pattern, sha256_hex};
 use std::collections::HashMap;
 use std::path::Path;
 use support::nbd_client::NbdClient;
-use support::*;
+use support::{ok, Daemon};
 
-fn kernel_exceptions(case: &str, file: &str) -> Vec<(u64, u64)> {
-    let t = std::fs::read_to_string(golden_dir(case).join(file)).expect("exceptions.txt");
-    t.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(|l| {
-            let v: Vec<u64> = l.split_whitespace().map(|x| x.parse().unwrap()).collect();
-            (v[0], v[1])
-        })
+fn kernel_exceptions(case: &str, cow: &str) -> Vec<(u64, u64)> {
+    exceptions_txt(case, cow)
+        .into_iter()
+        .map(|(o, n, _)| (o, n))
         .collect()
+}
+
+/// Write golden image `file` of `case` to `dst`.
+fn unpack(case: &str, file: &str, dst: &Path) {
+    std::fs::write(dst, fixture(case, file)).expect("write fixture");
 }
 
 fn dumped_exceptions(cow: &Path) -> (bool, Vec<(u64, u64)>) {
@@ -104,7 +107,7 @@ impl Replay {
     fn apply(&mut self, op: &serde_json::Value, target: &str) -> u32 {
         let off = op["offset"].as_u64().unwrap();
         let len = op["length"].as_u64().unwrap() as usize;
-        let letter = op["pattern"].as_str().unwrap().chars().next().unwrap();
+        let letter = op["pattern"].as_str().unwrap().as_bytes()[0];
         let data = pattern(letter, off, len);
         self.client(target).write(off, &data).expect("write")
     }
@@ -129,10 +132,8 @@ fn case_sizes(case: &serde_json::Value, cow: &str) -> (u64, u64) {
 }
 
 /// Compare our COW with the kernel's; returns true when byte-identical.
-fn same_bytes(case: &str, kernel_file: &str, ours: &Path, scratch: &Path) -> bool {
-    let k = scratch.join("kernel-cow.img");
-    unpack(case, kernel_file, &k);
-    std::fs::read(&k).unwrap() == std::fs::read(ours).unwrap()
+fn same_bytes(case: &str, kernel_file: &str, ours: &Path) -> bool {
+    fixture(case, kernel_file) == std::fs::read(ours).unwrap()
 }
 
 fn replay_one_snapshot(case: &str) {
@@ -171,11 +172,11 @@ fn replay_one_snapshot(case: &str) {
     assert!(valid);
     assert_eq!(
         ex,
-        kernel_exceptions(case, "cow.exceptions.txt"),
+        kernel_exceptions(case, "cow"),
         "exceptions in on-disk order"
     );
     assert!(
-        same_bytes(case, "cow.img", &cow, r.pool.path()),
+        same_bytes(case, "cow.img", &cow),
         "the COW is not byte-identical to the kernel's"
     );
 }
@@ -223,11 +224,11 @@ fn overflow_invalidates_the_snapshot_but_not_the_origin() {
     let cow = r.dir().join("snap.cow");
     let (valid, ex) = dumped_exceptions(&cow);
     assert!(!valid, "the header says invalid");
-    assert_eq!(ex, kernel_exceptions(case, "cow.exceptions.txt"));
+    assert_eq!(ex, kernel_exceptions(case, "cow"));
     // Reactivated: still Invalid.
     assert_eq!(status_of(&r.dir(), "snap"), "Invalid");
     assert!(
-        same_bytes(case, "cow.img", &cow, r.pool.path()),
+        same_bytes(case, "cow.img", &cow),
         "COW differs from the kernel's"
     );
 }
@@ -279,11 +280,11 @@ fn two_snapshots_one_taken_online_match_the_kernel() {
     r.stop();
     assert_eq!(
         dumped_exceptions(&dir.join("snapa.cow")).1,
-        kernel_exceptions(case, "cowa.exceptions.txt")
+        kernel_exceptions(case, "cowa")
     );
     assert_eq!(
         dumped_exceptions(&dir.join("snapb.cow")).1,
-        kernel_exceptions(case, "cowb.exceptions.txt")
+        kernel_exceptions(case, "cowb")
     );
 }
 
@@ -336,7 +337,7 @@ fn kernel_cow_adopted_and_merged_offline_gives_the_kernels_origin() {
     let (valid, ex) = dumped_exceptions(&t.path().join("cow.img"));
     assert!(valid && ex.is_empty());
     assert!(
-        same_bytes(case, "cow.img", &t.path().join("cow.img"), t.path()),
+        same_bytes(case, "cow.img", &t.path().join("cow.img")),
         "merged COW differs from the kernel's"
     );
 }
@@ -369,5 +370,67 @@ fn kernel_cow_merged_online_reads_as_the_snapshot_at_once() {
     assert_eq!(
         ok(&["snapshot", "list", "--json", p.to_str().unwrap()]).trim(),
         "[]"
+    );
+}
+
+/// A merge the kernel stopped half-way leaves the merged records cleared on
+/// disk (its resume marker) and their chunks already copied to the origin.
+/// Build exactly that from the kernel's pre-merge pair, adopt it, and finish.
+#[test]
+fn merge_the_kernel_left_half_done_resumes_to_the_kernels_origin() {
+    let case = "merge_complete";
+    let c = case_json(case);
+    let t = tempfile::tempdir().unwrap();
+    let mut origin = fixture(case, "origin_pre_merge.img");
+    let mut cow = fixture(case, "cow_pre_merge.img");
+    let records = kernel_exceptions(case, "cow_pre_merge");
+    const CHUNK: usize = 4096;
+    const PER_AREA: usize = CHUNK / 16;
+    // The kernel merges from the last record backwards; 300 of 580 records
+    // span the last area (emptied) and the tail of the one before.
+    let merged = 300;
+    for (i, &(old, new)) in records.iter().enumerate().rev().take(merged) {
+        let area_chunk = 1 + (i / PER_AREA) * (PER_AREA + 1);
+        let slot = area_chunk * CHUNK + (i % PER_AREA) * 16;
+        cow[slot..slot + 16].fill(0);
+        let (o, n) = (old as usize * CHUNK, new as usize * CHUNK);
+        origin[o..o + CHUNK].copy_from_slice(&cow[n..n + CHUNK]);
+    }
+    std::fs::write(t.path().join("origin.img"), &origin).unwrap();
+    std::fs::write(t.path().join("cow.img"), &cow).unwrap();
+    let (valid, left) = dumped_exceptions(&t.path().join("cow.img"));
+    assert!(valid);
+    assert_eq!(
+        left,
+        records[..records.len() - merged],
+        "the cleared records end the list"
+    );
+    let p = t.path().join("pool");
+    ok(&[
+        "create",
+        p.to_str().unwrap(),
+        "--origin",
+        t.path().join("origin.img").to_str().unwrap(),
+    ]);
+    ok(&[
+        "snapshot",
+        "create",
+        p.to_str().unwrap(),
+        "snap",
+        "--cow",
+        t.path().join("cow.img").to_str().unwrap(),
+    ]);
+    ok(&["merge", p.to_str().unwrap(), "snap"]);
+    let merged_origin = std::fs::read(t.path().join("origin.img")).unwrap();
+    assert_eq!(
+        sha256_hex(&merged_origin),
+        c["images"]["origin_post_merge.img"]["sha256"]
+            .as_str()
+            .unwrap(),
+        "the origin ends as the kernel's fully merged origin"
+    );
+    assert!(
+        same_bytes(case, "cow.img", &t.path().join("cow.img")),
+        "the COW ends as the kernel's emptied COW"
     );
 }

@@ -265,27 +265,53 @@ fn crash_at_every_write_and_flush_keeps_snapshots_and_flushed_writes() {
     for k in 0..=total {
         let r = rig(&init);
         let (mo, ms) = run(&r, &ops, &init, Some(k));
-        let origin_img = r.origin_dev.crash();
-        mo.check(&origin_img, &format!("cut {k}: origin"));
-        // Reopen from what survived.
-        let o2 = Origin::new(Arc::new(MemDev::from_vec(origin_img)));
-        for (i, (cow, m)) in r.cows.iter().zip(&ms).enumerate() {
-            let s = o2
-                .add_snapshot(
-                    &format!("s{i}"),
-                    Arc::new(MemDev::from_vec(cow.crash())) as DevRef,
-                    StoreType::Persistent,
-                    None,
-                )
-                .unwrap_or_else(|e| panic!("cut {k}: reopening s{i}: {e}"));
-            assert_eq!(
-                s.status().state,
-                SnapState::Active,
-                "cut {k}: s{i} after reopen"
-            );
-            let mut b = vec![0; ORIGIN as usize];
-            s.read_at(&mut b, 0).unwrap();
-            m.check(&b, &format!("cut {k}: snapshot s{i}"));
+        // What survives: the durable images, and (a disk may persist part
+        // of its cache, in order) the durable images plus every unflushed
+        // write, or half of them.
+        let devs: Vec<&CrashDev> = std::iter::once(&*r.origin_dev)
+            .chain(r.cows.iter().map(|c| &**c))
+            .collect();
+        for keep in [Keep::None, Keep::Half, Keep::All] {
+            let imgs: Vec<Vec<u8>> = devs
+                .iter()
+                .map(|d| match keep {
+                    Keep::None => d.crash(),
+                    Keep::Half => d.crash_keeping(d.unflushed_writes() / 2),
+                    Keep::All => d.crash_keeping(usize::MAX),
+                })
+                .collect();
+            check_images(k, keep, &imgs, &mo, &ms);
         }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Keep {
+    None,
+    Half,
+    All,
+}
+
+fn check_images(k: u64, keep: Keep, imgs: &[Vec<u8>], mo: &DevModel, ms: &[DevModel]) {
+    mo.check(&imgs[0], &format!("cut {k} {keep:?}: origin"));
+    // Reopen from what survived.
+    let o2 = Origin::new(Arc::new(MemDev::from_vec(imgs[0].clone())));
+    for (i, (cow, m)) in imgs[1..].iter().zip(ms).enumerate() {
+        let s = o2
+            .add_snapshot(
+                &format!("s{i}"),
+                Arc::new(MemDev::from_vec(cow.clone())) as DevRef,
+                StoreType::Persistent,
+                None,
+            )
+            .unwrap_or_else(|e| panic!("cut {k} {keep:?}: reopening s{i}: {e}"));
+        assert_eq!(
+            s.status().state,
+            SnapState::Active,
+            "cut {k} {keep:?}: s{i} after reopen"
+        );
+        let mut b = vec![0; ORIGIN as usize];
+        s.read_at(&mut b, 0).unwrap();
+        m.check(&b, &format!("cut {k} {keep:?}: snapshot s{i}"));
     }
 }

@@ -391,3 +391,207 @@ fn concurrent_once(st: StoreType) {
         }
     });
 }
+
+/// A device whose first read blocks until released.
+struct HoldFirstRead {
+    inner: MemDev,
+    held: std::sync::Mutex<bool>,
+    entered: std::sync::Barrier,
+    release: std::sync::Barrier,
+}
+
+impl dmsnap::io::BlockDev for HoldFirstRead {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let first = std::mem::replace(&mut *self.held.lock().unwrap(), false);
+        // Read first, then hold: the data returned is what the device had
+        // when the read was issued; an overtaking write would show up in a
+        // later read of the test only if it landed before this one.
+        self.inner.read_at(buf, offset)?;
+        if first {
+            self.entered.wait();
+            self.release.wait();
+            // Re-read: if the origin was overwritten meanwhile, the snapshot
+            // read would return new data (the race the kernel closes).
+            self.inner.read_at(buf, offset)?;
+        }
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, f: dmsnap::io::WriteFlags) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset, f)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn discard(&self, _: u64, _: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A snapshot read sent to the origin finishes before an origin write to
+/// the same chunk overwrites it (kernel `__check_for_conflicting_io`).
+#[test]
+fn origin_write_waits_for_snapshot_reads_on_the_origin() {
+    use dmsnap::io::BlockDev;
+    let init = fill(5, 64 * 1024);
+    let dev = Arc::new(HoldFirstRead {
+        inner: MemDev::from_vec(init.clone()),
+        held: std::sync::Mutex::new(false),
+        entered: std::sync::Barrier::new(2),
+        release: std::sync::Barrier::new(2),
+    });
+    let origin = Origin::new(dev.clone() as DevRef);
+    let s = origin
+        .add_snapshot(
+            "s",
+            Arc::new(MemDev::new(1 << 20)),
+            StoreType::Persistent,
+            None,
+        )
+        .unwrap();
+    *dev.held.lock().unwrap() = true;
+    std::thread::scope(|sc| {
+        let s2 = s.clone();
+        let reader = sc.spawn(move || {
+            let mut b = vec![0; 4096];
+            s2.read_at(&mut b, 8192).unwrap();
+            b
+        });
+        dev.entered.wait();
+        let o2 = origin.clone();
+        let writer = sc.spawn(move || o2.write_at(&[0xAB; 4096], 8192, false).unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        let finished_early = writer.is_finished();
+        let mut now = vec![0; 4096];
+        dev.inner.read_at(&mut now, 8192).unwrap();
+        // Release before asserting so a failure cannot hang the scope.
+        dev.release.wait();
+        let read = reader.join().unwrap();
+        writer.join().unwrap();
+        assert!(
+            !finished_early,
+            "the origin write must wait for the snapshot read"
+        );
+        assert_eq!(
+            now,
+            &init[8192..12288],
+            "origin overwritten under a snapshot read"
+        );
+        assert_eq!(read, &init[8192..12288]);
+    });
+    let mut b = vec![0; 4096];
+    s.read_at(&mut b, 8192).unwrap();
+    assert_eq!(b, &init[8192..12288]);
+    origin.read_at(&mut b, 8192).unwrap();
+    assert_eq!(b, vec![0xAB; 4096]);
+}
+
+/// Adding a snapshot under a stream of origin writes takes a consistent
+/// point: the snapshot holds exactly the first `j` writes for some `j`, and
+/// at least every write acknowledged before `add_snapshot` was called. The
+/// writer keeps going (wrapping around the device) until the snapshot has
+/// been read back, so the snapshot always lands mid-stream.
+#[test]
+fn add_snapshot_under_writes_is_a_consistent_point() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+    const N: u64 = 4096; // sectors
+    for st in store_types() {
+        let origin = Origin::new(Arc::new(MemDev::new(N * 512)));
+        let acked = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        std::thread::scope(|sc| {
+            let (o, a, stop2) = (origin.clone(), acked.clone(), stop.clone());
+            sc.spawn(move || {
+                let mut i = 0u64;
+                while !stop2.load(SeqCst) {
+                    let mut sector = [0u8; 512];
+                    sector[..8].copy_from_slice(&(i + 1).to_le_bytes());
+                    o.write_at(&sector, (i % N) * 512, false).unwrap();
+                    i += 1;
+                    a.store(i, SeqCst);
+                }
+            });
+            while acked.load(SeqCst) < 3 * N / 2 {
+                std::thread::yield_now();
+            }
+            let before = acked.load(SeqCst);
+            let s = origin
+                .add_snapshot(
+                    "mid",
+                    Arc::new(MemDev::new(8 << 20)),
+                    st,
+                    Some(ChunkSize::DEFAULT),
+                )
+                .unwrap();
+            let mut b = vec![0u8; (N * 512) as usize];
+            s.read_at(&mut b, 0).unwrap();
+            // Writes went on while we read: the snapshot must not move.
+            let mut again = vec![0u8; (N * 512) as usize];
+            s.read_at(&mut again, 0).unwrap();
+            stop.store(true, SeqCst);
+            assert!(b == again, "{st}: the snapshot changed under origin writes");
+            let vals: Vec<u64> = b
+                .chunks(512)
+                .map(|c| u64::from_le_bytes(c[..8].try_into().unwrap()))
+                .collect();
+            // The state after exactly j writes: sector k holds 1 + the last
+            // i < j with i ≡ k (mod N).
+            let j = *vals.iter().max().unwrap();
+            assert!(
+                j >= before,
+                "{st}: a write acknowledged before add_snapshot is missing ({j} < {before})"
+            );
+            let last = j - 1;
+            for (k, &v) in vals.iter().enumerate() {
+                let k = k as u64;
+                let want = if last >= k {
+                    last - ((last - k) % N) + 1
+                } else {
+                    0
+                };
+                assert_eq!(
+                    v, want,
+                    "{st}: sector {k} is not the state after {j} writes"
+                );
+            }
+        });
+    }
+}
+
+/// A COW write error invalidates that snapshot only: the origin write goes
+/// on, the other snapshot keeps working and keeps its content.
+#[test]
+fn cow_error_invalidates_only_that_snapshot() {
+    use dmsnap::io::testing::{Fault, FaultyDev, OpKind};
+    for st in store_types() {
+        let init = fill(11, ORIGIN as usize);
+        let origin = Origin::new(Arc::new(MemDev::from_vec(init.clone())));
+        let bad = Arc::new(FaultyDev::new(MemDev::new(1 << 20)));
+        let sbad = origin.add_snapshot("bad", bad.clone(), st, None).unwrap();
+        let sgood = origin
+            .add_snapshot("good", Arc::new(MemDev::new(1 << 20)), st, None)
+            .unwrap();
+        bad.add(Fault::Always {
+            kind: OpKind::Write,
+        });
+        let d = fill(12, 10_000);
+        origin.write_at(&d, 5000, false).unwrap();
+        assert_eq!(sbad.status().state, SnapState::Invalid, "{st}");
+        assert_eq!(sgood.status().state, SnapState::Active, "{st}");
+        let mut b = vec![0; ORIGIN as usize];
+        sgood.read_at(&mut b, 0).unwrap();
+        assert!(b == init, "{st}: the good snapshot changed");
+        origin.read_at(&mut b, 0).unwrap();
+        assert_eq!(&b[5000..15000], &d[..]);
+        assert!(matches!(
+            sbad.read_at(&mut b[..512], 0),
+            Err(DevError::Invalid)
+        ));
+        // Later origin writes are not held up by the invalid snapshot.
+        origin.write_at(&d, 50_000, false).unwrap();
+        sgood.read_at(&mut b, 0).unwrap();
+        assert!(b == init, "{st}: the good snapshot changed");
+    }
+}

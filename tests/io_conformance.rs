@@ -269,6 +269,11 @@ fn crashdev_flush_covers_earlier_writes_only() {
     d.write_at(&[8; 10], 600, WriteFlags::NONE).unwrap();
     let img = d.crash_keeping(1);
     assert_eq!((byte(&img, 500), byte(&img, 600)), (7, 0));
+    // Keeping an older cached write never undoes a later FUA write.
+    d.write_at(&[9; 10], 500, WriteFlags::FUA).unwrap();
+    let img = d.crash_keeping(1);
+    assert_eq!(byte(&img, 500), 9);
+    assert_eq!(byte(&d.crash_keeping(3), 500), 9);
 }
 
 #[test]

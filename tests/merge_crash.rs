@@ -2,17 +2,23 @@
 //! images: the origin ends equal to the merged snapshot's content, and the
 //! other snapshot (which gets exceptions triggered by the merge's origin
 //! writes) keeps its content at every cut.
+//!
+//! The merged snapshot has two metadata areas of records in runs of many
+//! lengths; the merge runs once as one batch spanning both areas (the
+//! default limit) and once in batches of at most 50 chunks (batch ends
+//! inside areas and one batch across the area boundary).
 
 use dmsnap::device::Device;
-use dmsnap::io::testing::CrashGroup;
-use dmsnap::io::{DevRef, MemDev};
+use dmsnap::io::testing::{CrashDev, CrashGroup};
+use dmsnap::io::{BlockDev, DevRef, MemDev, WriteFlags};
 use dmsnap::snap::Origin;
 use dmsnap::store::StoreType;
 use dmsnap::units::ChunkSize;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-const ORIGIN: u64 = 512 * 1024;
-const COW: u64 = 2 << 20;
+const ORIGIN: u64 = 1536 * 1024;
+const COW: u64 = 4 << 20;
 
 fn fill(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -68,9 +74,16 @@ fn build() -> Images {
             .wrapping_add(1442695040888963407);
         r >> 33
     };
-    // A sequential run (one I/O to merge), then scattered writes.
+    // Sequential runs of several lengths (one I/O each to merge; the
+    // longest straddles the end of area 0), then scattered writes.
     o.write_at(&fill(2, 64 * 1024), 128 * 1024, false).unwrap();
     a.write_at(&fill(3, 32 * 1024), 300 * 1024, false).unwrap();
+    let mut at = 400 * 1024;
+    for (j, chunks) in [3u64, 40, 7, 100, 2, 60, 1, 25].into_iter().enumerate() {
+        o.write_at(&fill(4 + j as u64, (chunks * 4096) as usize), at, false)
+            .unwrap();
+        at += (chunks + 1 + j as u64 % 3) * 4096;
+    }
     for i in 0..40 {
         let off = next() % (ORIGIN - 5000);
         let len = 1 + (next() % 5000) as usize;
@@ -93,6 +106,11 @@ fn build() -> Images {
         b.write_at(&fill(100 + i, 3000), off, false).unwrap();
     }
     o.sync().unwrap();
+    assert!(
+        a.nr_exceptions() > 256,
+        "the merged snapshot's records fill more than one area ({})",
+        a.nr_exceptions()
+    );
     Images {
         content_a: read_all(&*a),
         content_b: read_all(&*b),
@@ -102,17 +120,66 @@ fn build() -> Images {
     }
 }
 
+/// Counts the flushes of the device it wraps (the merge's origin flushes:
+/// one per batch).
+struct CountFlushes<D> {
+    dev: Arc<D>,
+    flushes: AtomicU64,
+}
+
+impl<D: BlockDev> BlockDev for CountFlushes<D> {
+    fn len(&self) -> u64 {
+        self.dev.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.dev.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, flags: WriteFlags) -> std::io::Result<()> {
+        self.dev.write_at(buf, offset, flags)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        self.dev.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.dev.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> std::io::Result<()> {
+        self.dev.write_zeroes(offset, len, flags)
+    }
+}
+
 #[test]
-fn merge_resumes_after_a_crash_at_every_write_and_flush() {
+fn merge_in_one_batch_across_areas_resumes_after_a_crash_at_every_write_and_flush() {
+    let batches = crash_at_every_op(None);
+    assert_eq!(batches, 1, "the whole merge is one batch over both areas");
+}
+
+#[test]
+fn merge_in_batches_of_50_resumes_after_a_crash_at_every_write_and_flush() {
+    let batches = crash_at_every_op(Some(50));
+    assert!(batches > 5, "{batches} batches");
+}
+
+/// Cut the power at every write/flush of the merge (batch limit `batch`),
+/// resume from the durable images each time. Returns the number of
+/// batches (origin flushes) of the uncut merge.
+fn crash_at_every_op(batch: Option<u64>) -> u64 {
     let img = build();
     let mut total = None;
+    let mut batches = 0;
     let mut k = 0;
     loop {
         let g = CrashGroup::new();
         let od = g.device(img.origin.clone());
         let ca = g.device(img.cow_a.clone());
         let cb = g.device(img.cow_b.clone());
-        let o = Origin::new(od.clone() as DevRef);
+        let counted = Arc::new(CountFlushes {
+            dev: od.clone(),
+            flushes: AtomicU64::new(0),
+        });
+        let o = Origin::new(counted.clone() as DevRef);
+        o.set_merge_batch_chunks(batch);
         o.add_snapshot("a", ca.clone() as DevRef, StoreType::Persistent, None)
             .unwrap();
         let b = o
@@ -130,7 +197,11 @@ fn merge_resumes_after_a_crash_at_every_write_and_flush() {
                 assert!(read_all(&*o) == img.content_a);
                 assert!(read_all(&*b) == img.content_b);
                 total = Some(g.ops() - base);
-                println!("merge write/flush ops: {}", g.ops() - base);
+                batches = counted.flushes.load(Ordering::Relaxed);
+                println!(
+                    "batch limit {batch:?}: merge write/flush ops: {}, batches: {batches}",
+                    g.ops() - base
+                );
                 continue;
             }
             Some(t) => {
@@ -141,11 +212,20 @@ fn merge_resumes_after_a_crash_at_every_write_and_flush() {
             }
         }
         o.stop_merge();
-        // Resume from what survived.
-        let o2 = Origin::new(Arc::new(MemDev::from_vec(od.crash())));
+        // Resume from what survived: the durable images, and at every
+        // other cut also the first half of each device's cached writes (a
+        // disk may persist some of its cache before power goes).
+        let survived = |d: &CrashDev| {
+            if k % 2 == 1 {
+                d.crash_keeping(d.unflushed_writes() / 2)
+            } else {
+                d.crash()
+            }
+        };
+        let o2 = Origin::new(Arc::new(MemDev::from_vec(survived(&od))));
         o2.add_snapshot(
             "a",
-            Arc::new(MemDev::from_vec(ca.crash())) as DevRef,
+            Arc::new(MemDev::from_vec(survived(&ca))) as DevRef,
             StoreType::Persistent,
             None,
         )
@@ -153,7 +233,7 @@ fn merge_resumes_after_a_crash_at_every_write_and_flush() {
         let b2 = o2
             .add_snapshot(
                 "b",
-                Arc::new(MemDev::from_vec(cb.crash())) as DevRef,
+                Arc::new(MemDev::from_vec(survived(&cb))) as DevRef,
                 StoreType::Persistent,
                 None,
             )
@@ -162,6 +242,7 @@ fn merge_resumes_after_a_crash_at_every_write_and_flush() {
             read_all(&*b2) == img.content_b,
             "cut {k}: snapshot b changed"
         );
+        o2.set_merge_batch_chunks(batch);
         o2.start_merge("a").unwrap();
         assert!(
             read_all(&*o2) == img.content_a,
@@ -179,4 +260,5 @@ fn merge_resumes_after_a_crash_at_every_write_and_flush() {
             break;
         }
     }
+    batches
 }

@@ -6,7 +6,7 @@
 //! order, areas fill and roll over (4 KiB chunks: 256 records per area),
 //! and the tail is then merged back step by step. For every `k` the device
 //! loses power at its `k`-th write or flush; the durable image (and the
-//! durable image plus every write still in the disk's cache) must reopen,
+//! durable image plus part or all of the disk's write cache) must reopen,
 //! and load exactly a prefix of the committed sequence that contains every
 //! exception whose callback said `true`, each pointing at its own data.
 
@@ -205,12 +205,15 @@ fn power_loss_at_every_write_and_flush() {
             merged_crashes += 1;
         }
         check_image(dev.crash(), &m, &format!("crash at op {k}"));
+        // The disk may also have written back some or all of its cache.
         let cached = dev.unflushed_writes();
-        check_image(
-            dev.crash_keeping(cached),
-            &m,
-            &format!("crash at op {k}, cache written back"),
-        );
+        for keep in [cached / 2, cached] {
+            check_image(
+                dev.crash_keeping(keep),
+                &m,
+                &format!("crash at op {k}, {keep} of {cached} cached writes kept"),
+            );
+        }
     }
     assert!(
         merged_crashes > 0,

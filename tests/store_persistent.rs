@@ -7,7 +7,7 @@
 use dmsnap::format::DiskException;
 use dmsnap::io::{BlockDev, MemDev, WriteFlags};
 use dmsnap::store::{ExceptionStore, PersistentStore, StoreError};
-use dmsnap::units::Chunk;
+use dmsnap::units::{Chunk, ChunkSize};
 use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -227,5 +227,82 @@ fn kernel_merge_gives_the_kernels_cow() {
     assert!(
         origin.snapshot() == kernel_origin,
         "merged origin differs from the kernel's"
+    );
+}
+
+/// The same load through an O_DIRECT file (read-ahead threads on a real
+/// file, unaligned buffers through FileDev's bounce path).
+#[test]
+fn kernel_cow_loads_from_an_o_direct_file() {
+    use dmsnap::io::{FileDev, OpenOptions};
+    let case = "chunk4k_mixed";
+    let img = unzstd(&case_dir(case).join("cow.img.zst"));
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let p = dir.path().join("cow.img");
+    std::fs::write(&p, &img).unwrap();
+    let dev = FileDev::open(
+        &p,
+        OpenOptions {
+            direct: true,
+            read_only: true,
+        },
+    )
+    .unwrap();
+    assert!(dev.is_direct());
+    let mut s = PersistentStore::open(Arc::new(dev), None, false).unwrap();
+    let mut got = Vec::new();
+    s.read_metadata(&mut |e| got.push(e)).unwrap();
+    let want: Vec<_> = exceptions_txt(case, "cow.exceptions.txt")
+        .into_iter()
+        .map(|x| x.0)
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(s.usage().to_string(), status_usage(case, "final_status"));
+}
+
+/// Replay the overflow case at the store level (origin chunk `i` written
+/// for i = 0..24, one at a time, each copied out before its record is
+/// committed): the statuses after every write equal the kernel's, the 15th
+/// exception does not fit, and after invalidation the COW is byte for byte
+/// the one the kernel wrote (header with valid = 0, area 0, data chunks).
+#[test]
+fn kernel_overflow_replayed_gives_the_kernels_cow() {
+    let case = "overflow_invalid";
+    let dir = case_dir(case);
+    let origin = unzstd(&dir.join("origin_at_snapshot.img.zst"));
+    let kernel_cow = unzstd(&dir.join("cow.img.zst"));
+    let cow = Arc::new(MemDev::new(kernel_cow.len() as u64));
+    let mut s = PersistentStore::open(cow.clone(), Some(ChunkSize::DEFAULT), false).unwrap();
+    assert_eq!(s.usage().to_string(), status_usage(case, "initial_status"));
+    let cb = 4096usize;
+    for i in 0..24u64 {
+        let key = format!("after_origin_write_chunk{i}_status");
+        match s.prepare_exception() {
+            Ok(c) => {
+                let o = i as usize * cb;
+                cow.write_at(&origin[o..o + cb], c.0 * cb as u64, WriteFlags::NONE)
+                    .unwrap();
+                let e = DiskException {
+                    old_chunk: Chunk(i),
+                    new_chunk: c,
+                };
+                let done = s.commit_exception(e, true, Box::new(|ok| assert!(ok)));
+                assert_eq!(done.0.len(), 1);
+                done.run();
+                assert_eq!(s.usage().to_string(), status_usage(case, &key));
+            }
+            Err(StoreError::Full { .. }) => {
+                assert_eq!(i, 14, "the 15th exception is the first that does not fit");
+                assert_eq!(status_usage(case, &key), "Invalid");
+                s.drop_snapshot().unwrap();
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(!s.is_valid());
+    assert!(
+        cow.snapshot() == kernel_cow,
+        "the COW differs from the kernel's"
     );
 }

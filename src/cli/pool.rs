@@ -65,17 +65,24 @@ pub enum SnapshotCmd {
     Create(SnapshotCreateArgs),
     /// List the pool's snapshots.
     List {
+        /// The pool directory.
         pool: PathBuf,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// Remove a snapshot (its COW is deleted if the pool created it).
-    Remove { pool: PathBuf, name: String },
+    Remove {
+        /// The pool directory.
+        pool: PathBuf,
+        /// The snapshot to remove.
+        name: String,
+    },
 }
 
 #[derive(Args, Debug)]
 pub struct SnapshotCreateArgs {
+    /// The pool directory.
     pub pool: PathBuf,
     /// Snapshot name; also its NBD export name and FUSE file name.
     pub name: String,
@@ -200,6 +207,7 @@ fn get_status(dir: &Path) -> Result<PoolStatus> {
 /// Show the origin and each snapshot's usage as `dmsetup status` prints it.
 #[derive(Args, Debug)]
 pub struct StatusArgs {
+    /// The pool directory.
     pub pool: PathBuf,
     /// Print one JSON object.
     #[arg(long)]
@@ -267,6 +275,7 @@ pub fn status(a: StatusArgs) -> Result<()> {
 /// Serve the pool: NBD on POOL/nbd.sock (and TCP or FUSE when asked) until SIGINT/SIGTERM.
 #[derive(Args, Debug)]
 pub struct ServeArgs {
+    /// The pool directory.
     pub pool: PathBuf,
     /// Where to listen for NBD clients: unix:PATH or tcp:HOST:PORT; repeatable
     /// [default: unix:POOL/nbd.sock].
@@ -443,7 +452,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
 /// Roll the origin back to snapshot NAME (the kernel's snapshot-merge).
 #[derive(Args, Debug)]
 pub struct MergeArgs {
+    /// The pool directory.
     pub pool: PathBuf,
+    /// The snapshot to roll the origin back to.
     pub name: String,
     /// With a daemon running: wait until the merge ends (with a progress bar on a TTY).
     #[arg(long)]

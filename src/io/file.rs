@@ -156,15 +156,10 @@ impl AlignedBuf {
         }
         AlignedBuf { ptr, len, layout }
     }
-    fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr points at an allocation of at least `len` initialised
-        // (zeroed) bytes owned by self; the shared borrow of self keeps it alive
-        // and prevents mutation through as_mut_slice.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
     fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as above; the exclusive borrow of self makes this the only
-        // reference to the bytes.
+        // SAFETY: ptr points at an allocation of at least `len` initialised
+        // (zeroed at allocation) bytes owned by self; the exclusive borrow of
+        // self makes this the only reference to them.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
 }
@@ -174,6 +169,36 @@ impl Drop for AlignedBuf {
         // SAFETY: ptr was allocated with exactly this layout and not freed.
         unsafe { std::alloc::dealloc(self.ptr, self.layout) }
     }
+}
+
+/// Bounce buffers up to this size are kept per thread and reused.
+const BOUNCE_CACHE_MAX: usize = 8 << 20;
+
+thread_local! {
+    /// The calling thread's reusable bounce buffer: allocating (and zeroing,
+    /// and for large sizes mmap/munmap) a fresh one per unaligned O_DIRECT
+    /// request cost as much CPU as the copy itself (FUSE requests are never
+    /// aligned in memory).
+    static BOUNCE: std::cell::RefCell<Option<AlignedBuf>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Run `f` on an aligned buffer of `len` bytes. Its content is unspecified
+/// (zeroes or stale data of an earlier request): `f` must fill what it reads.
+fn with_bounce<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    if len > BOUNCE_CACHE_MAX {
+        return f(AlignedBuf::zeroed(len).as_mut_slice());
+    }
+    BOUNCE.with(|cell| {
+        // FileDev I/O does not nest on a thread, but stay correct if it did.
+        let Ok(mut slot) = cell.try_borrow_mut() else {
+            return f(AlignedBuf::zeroed(len).as_mut_slice());
+        };
+        if slot.as_ref().is_none_or(|b| b.len < len) {
+            *slot = Some(AlignedBuf::zeroed(len.next_power_of_two().max(4096)));
+        }
+        let buf = slot.as_mut().expect("bounce buffer allocated above");
+        f(&mut buf.as_mut_slice()[..len])
+    })
 }
 
 impl FileDev {
@@ -240,12 +265,13 @@ impl BlockDev for FileDev {
         let a = self.block_size.max(512) as u64;
         let start = offset / a * a;
         let end = (offset + buf.len() as u64).div_ceil(a) * a;
-        let mut bounce = AlignedBuf::zeroed((end - start) as usize);
         let readable = end.min(self.len.div_ceil(a) * a) - start;
-        self.pread_exact(&mut bounce.as_mut_slice()[..readable as usize], start)?;
         let skip = (offset - start) as usize;
-        buf.copy_from_slice(&bounce.as_slice()[skip..skip + buf.len()]);
-        Ok(())
+        with_bounce((end - start) as usize, |bounce| {
+            self.pread_exact(&mut bounce[..readable as usize], start)?;
+            buf.copy_from_slice(&bounce[skip..skip + buf.len()]);
+            Ok(())
+        })
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, flags: WriteFlags) -> io::Result<()> {
@@ -257,16 +283,17 @@ impl BlockDev for FileDev {
         let a = self.block_size.max(512) as u64;
         let start = offset / a * a;
         let end = (offset + buf.len() as u64).div_ceil(a) * a;
-        let mut bounce = AlignedBuf::zeroed((end - start) as usize);
-        // Read-modify-write the partial edge blocks. Callers that write the
-        // same block concurrently must serialise themselves (the engine does:
-        // it never issues overlapping writes at once).
-        if start != offset || end != offset + buf.len() as u64 {
-            self.pread_exact(bounce.as_mut_slice(), start)?;
-        }
         let skip = (offset - start) as usize;
-        bounce.as_mut_slice()[skip..skip + buf.len()].copy_from_slice(buf);
-        self.pwrite_exact(bounce.as_slice(), start, flags.fua)
+        with_bounce((end - start) as usize, |bounce| {
+            // Read-modify-write the partial edge blocks. Callers that write
+            // the same block concurrently must serialise themselves (the
+            // engine does: it never issues overlapping writes at once).
+            if start != offset || end != offset + buf.len() as u64 {
+                self.pread_exact(bounce, start)?;
+            }
+            bounce[skip..skip + buf.len()].copy_from_slice(buf);
+            self.pwrite_exact(bounce, start, flags.fua)
+        })
     }
 
     fn flush(&self) -> io::Result<()> {

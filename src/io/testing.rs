@@ -139,7 +139,7 @@ struct CrashState {
     /// Contents made durable by a completed flush or FUA write.
     durable: Vec<u8>,
     /// Writes not yet covered by a flush, in order: (offset, bytes).
-    unflushed: Vec<(u64, Vec<u8>)>,
+    unflushed: Vec<(u64, Vec<u8>, bool)>,
     /// Write/flush operations performed so far.
     ops: u64,
     /// After this many write/flush operations the device "loses power":
@@ -253,7 +253,13 @@ impl CrashDev {
     pub fn crash_keeping(&self, keep: usize) -> Vec<u8> {
         let st = self.st.lock();
         let mut img = st.durable.clone();
-        for (off, data) in st.unflushed.iter().take(keep) {
+        for (off, data, _) in st.unflushed.iter().take(keep) {
+            let o = *off as usize;
+            img[o..o + data.len()].copy_from_slice(data);
+        }
+        // FUA writes after the kept prefix are durable already: an older
+        // cached write must not win over them.
+        for (off, data, _) in st.unflushed.iter().skip(keep).filter(|w| w.2) {
             let o = *off as usize;
             img[o..o + data.len()].copy_from_slice(data);
         }
@@ -315,14 +321,14 @@ impl BlockDev for CrashDev {
         }
         // Kept even when FUA: a later flush replays the unflushed writes in
         // order, so an older write to the same bytes cannot win over this one.
-        st.unflushed.push((offset, buf.to_vec()));
+        st.unflushed.push((offset, buf.to_vec(), flags.fua));
         Ok(())
     }
     fn flush(&self) -> io::Result<()> {
         let mut st = self.st.lock();
         self.tick(&mut st)?;
         let st = &mut *st;
-        for (off, data) in st.unflushed.drain(..) {
+        for (off, data, _) in st.unflushed.drain(..) {
             let o = off as usize;
             st.durable[o..o + data.len()].copy_from_slice(&data);
         }

@@ -15,6 +15,7 @@ pub use manifest::{
 };
 
 use crate::device::{Device, ExportSet};
+pub use crate::error_chain;
 use crate::format::{cow_size_for_origin, DiskHeader, HeaderState};
 use crate::io::{BlockDev, DevRef, FileDev, OpenOptions};
 use crate::snap::{MergeStatus, Origin, SnapError, SnapState};
@@ -454,21 +455,30 @@ impl Pool {
 
     /// `snapshot remove` with no daemon.
     pub fn remove_snapshot(&mut self, name: &str) -> Result<(), PoolError> {
-        let idx = self
-            .manifest
-            .snapshots
-            .iter()
-            .position(|s| s.name == name)
-            .ok_or_else(|| PoolError::NoSuchSnapshot(name.to_string()))?;
-        if self.manifest.snapshots[idx].state == EntryState::Merging {
-            return Err(PoolError::Invalid(format!(
-                "snapshot '{name}' is merging into the origin; it leaves the pool by itself when the merge ends (run `dmsnap merge POOL {name}` to finish it)"
-            )));
-        }
-        let e = self.manifest.snapshots.remove(idx);
+        let e = self.removable(name)?;
+        self.manifest.snapshots.retain(|s| s.name != name);
         self.manifest.save(&self.dir)?;
         self.discard_cow(&e);
         Ok(())
+    }
+
+    /// The manifest entry of snapshot `name`.
+    fn entry(&self, name: &str) -> Result<SnapshotEntry, PoolError> {
+        self.manifest
+            .snapshot(name)
+            .cloned()
+            .ok_or_else(|| PoolError::NoSuchSnapshot(name.to_string()))
+    }
+
+    /// The entry of a snapshot that may be removed: any but a merging one.
+    fn removable(&self, name: &str) -> Result<SnapshotEntry, PoolError> {
+        let e = self.entry(name)?;
+        if e.state == EntryState::Merging {
+            return Err(PoolError::Invalid(format!(
+                "snapshot '{name}' is merging into the origin and cannot be removed; it leaves the pool by itself when the merge ends (`dmsnap merge POOL {name}` finishes an interrupted one)"
+            )));
+        }
+        Ok(e)
     }
 
     /// `status` with no daemon: read each COW's header and metadata.
@@ -530,8 +540,14 @@ impl Pool {
                     },
                 ));
             }
-            let mut store =
-                PersistentStore::open(Arc::new(dev), None, false).map_err(|e| error_chain(&e))?;
+            let mut store = PersistentStore::open_existing(Arc::new(dev), false)
+                .map_err(|e| error_chain(&e))?
+                .ok_or_else(|| {
+                    format!(
+                        "{} holds no snapshot store (its header is blank)",
+                        cow.display()
+                    )
+                })?;
             store
                 .read_metadata(&mut |_| ())
                 .map_err(|e| error_chain(&e))?;
@@ -685,16 +701,7 @@ impl ActivePool {
     /// Remove a snapshot while serving.
     pub fn remove_snapshot(&self, name: &str) -> Result<(), PoolError> {
         let mut pool = self.inner.lock();
-        let e = pool
-            .manifest
-            .snapshot(name)
-            .cloned()
-            .ok_or_else(|| PoolError::NoSuchSnapshot(name.to_string()))?;
-        if e.state == EntryState::Merging {
-            return Err(PoolError::Invalid(format!(
-                "snapshot '{name}' is merging into the origin and cannot be removed; it leaves the pool when the merge ends"
-            )));
-        }
+        let e = pool.removable(name)?;
         self.origin.remove_snapshot(name)?;
         pool.manifest.snapshots.retain(|s| s.name != name);
         let dir = pool.dir.clone();
@@ -706,14 +713,20 @@ impl ActivePool {
     /// Start rolling the origin back to snapshot `name`.
     pub fn start_merge(&self, name: &str) -> Result<(), PoolError> {
         let mut pool = self.inner.lock();
-        let e = pool
-            .manifest
-            .snapshot(name)
-            .cloned()
-            .ok_or_else(|| PoolError::NoSuchSnapshot(name.to_string()))?;
+        let e = pool.entry(name)?;
         if let Some(m) = pool.manifest.merging() {
             if m.name == name {
-                return Ok(()); // already merging: idempotent
+                // Already merging: idempotent; a merge that failed is retried
+                // from its on-disk state (the records not yet cleared).
+                if self
+                    .origin
+                    .merge_status()
+                    .is_some_and(|st| st.failed.is_some())
+                {
+                    self.origin.stop_merge();
+                    self.origin.start_merge(name)?;
+                }
+                return Ok(());
             }
             return Err(PoolError::Invalid(format!(
                 "snapshot '{}' is already merging",
@@ -872,16 +885,4 @@ impl ExportSet for ActivePool {
         v.extend(self.exported_snapshots());
         v
     }
-}
-
-/// An error and its causes as one line: `outer: cause: root cause`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

@@ -14,7 +14,7 @@ mod merge;
 mod origin;
 mod snapshot;
 
-pub use merge::MergeStatus;
+pub use merge::{MergeStatus, MERGE_BATCH_BYTES, MERGE_BATCH_CHUNKS, MERGE_BATCH_ENV};
 pub use origin::Origin;
 pub use snapshot::{SnapState, SnapStatus, Snapshot};
 

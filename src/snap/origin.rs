@@ -9,7 +9,7 @@ use crate::device::{check_request, DevError, Device};
 use crate::exception::ExceptionTable;
 use crate::io::{DevRef, WriteFlags};
 use crate::store::{ExceptionStore, StoreType, TransientStore};
-use crate::units::{Chunk, ChunkSize};
+use crate::units::ChunkSize;
 use parking_lot::{Condvar, Mutex, RwLock};
 use std::sync::{Arc, Weak};
 
@@ -209,31 +209,22 @@ impl Origin {
         }
     }
 
-    fn origin_write(&self, buf: &[u8], offset: u64, fua: bool) -> Result<(), DevError> {
-        let _g = self.gate.read();
-        let snaps = self.snaps.read().clone();
-        self.trigger_and_wait(&snaps, offset, buf.len() as u64);
-        self.dev.write_at(buf, offset, WriteFlags { fua })?;
-        Ok(())
-    }
-
     fn merging_snapshot(&self) -> Option<Arc<Snapshot>> {
         self.merging.read().clone()
     }
 
+    /// Every origin write: under the gate (so a merge cannot start between
+    /// choosing the path and writing), through the merge map while merging,
+    /// else through the COW trigger.
     pub(crate) fn write_inner(&self, buf: &[u8], offset: u64, fua: bool) -> Result<(), DevError> {
-        match self.merging_snapshot() {
-            Some(m) => self.merge_write(&m, buf, offset, fua),
-            None => self.origin_write(buf, offset, fua),
+        let _g = self.gate.read();
+        if let Some(m) = self.merging_snapshot() {
+            return self.merge_write(&m, buf, offset, fua);
         }
-    }
-
-    /// Chunk `c` of `s`'s chunk size, as a byte range of the origin.
-    #[allow(dead_code)]
-    pub(crate) fn chunk_range(&self, s: &Snapshot, c: u64) -> (u64, u64) {
-        let cs = s.chunk_size();
-        let off = cs.chunk_to_byte(Chunk(c));
-        (off, cs.bytes().min(self.size - off))
+        let snaps = self.snaps.read().clone();
+        self.trigger_and_wait(&snaps, offset, buf.len() as u64);
+        self.dev.write_at(buf, offset, WriteFlags { fua })?;
+        Ok(())
     }
 }
 

@@ -58,8 +58,9 @@ pub(crate) struct Inner {
     /// are triggered in it.
     pub(crate) merging: bool,
     pub(crate) merge_failed: bool,
-    /// Origin chunks `[first, first+n)` being copied back by the merge.
-    pub(crate) merging_range: Option<(u64, u64)>,
+    /// Runs of origin chunks `(first, n)` being copied back by the merge
+    /// (one batch), sorted by `first`, disjoint.
+    pub(crate) merging_runs: Vec<(u64, u64)>,
     pub(crate) table: ExceptionTable,
     /// Origin chunks with a pending exception (copy or commit in flight).
     pub(crate) pending: HashSet<u64>,
@@ -181,7 +182,7 @@ impl Snapshot {
                 gone: false,
                 merging: false,
                 merge_failed: false,
-                merging_range: None,
+                merging_runs: Vec::new(),
                 table,
                 pending: HashSet::new(),
                 reads: HashMap::new(),

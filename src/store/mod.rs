@@ -195,6 +195,28 @@ pub trait ExceptionStore: Send {
     /// (the cleared records are the resume point after a crash).
     fn commit_merge(&mut self, nr_merged: u64) -> Result<(), StoreError>;
 
+    /// Batched `prepare_merge`: the runs `prepare_merge` would return one
+    /// after the other if each were committed in turn, last first, whole
+    /// runs only, at most `max_chunks` exceptions in all (but always the
+    /// first run). Empty when nothing is left. Changes no state: the batch
+    /// is applied by [`commit_merge_batch`](Self::commit_merge_batch).
+    /// The default is one `prepare_merge`.
+    fn prepare_merge_batch(
+        &mut self,
+        max_chunks: u64,
+    ) -> Result<Vec<(Chunk, Chunk, u64)>, StoreError> {
+        let _ = max_chunks;
+        Ok(self.prepare_merge()?.into_iter().collect())
+    }
+
+    /// Batched `commit_merge`: forget every exception of the batch the last
+    /// `prepare_merge_batch` returned (`nr_merged` of them), durably, leaving
+    /// the state `commit_merge` would have left run by run. The default is
+    /// one `commit_merge`.
+    fn commit_merge_batch(&mut self, nr_merged: u64) -> Result<(), StoreError> {
+        self.commit_merge(nr_merged)
+    }
+
     /// `drop_snapshot`: invalidate the store (header `valid = 0`).
     fn drop_snapshot(&mut self) -> Result<(), StoreError>;
 

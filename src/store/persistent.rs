@@ -61,6 +61,59 @@ pub struct PersistentStore {
     /// The first error that made the store invalid during a commit (commits
     /// report only `false` to their callbacks).
     error: Option<StoreError>,
+    /// The batch `prepare_merge_batch` found, for `commit_merge_batch`.
+    merge_batch: Option<MergeBatch>,
+}
+
+/// One metadata area a merge batch clears records of: slots `[to, from)`.
+struct MergeArea {
+    area: u64,
+    /// Its contents (the working copy, or read from the device).
+    buf: Vec<u8>,
+    /// Records in it before the batch.
+    from: u64,
+    /// Records left in it after the batch.
+    to: u64,
+}
+
+/// A merge batch between `prepare_merge_batch` and `commit_merge_batch`.
+struct MergeBatch {
+    /// `(current_area, current_committed)` it was prepared at.
+    start: (u64, u64),
+    /// Areas with records in the batch, highest first.
+    areas: Vec<MergeArea>,
+    /// Exceptions in the batch.
+    nr: u64,
+}
+
+/// The record in slot `index` of an area image.
+fn area_record(buf: &[u8], index: u64) -> Option<DiskException> {
+    let start = usize::try_from(index * DISK_EXCEPTION_BYTES).ok()?;
+    let raw =
+        RawDiskException::read_from_bytes(buf.get(start..start + DISK_EXCEPTION_BYTES as usize)?)
+            .ok()?;
+    Some(raw.into())
+}
+
+/// `persistent_prepare_merge`'s scan: the last of the first `committed`
+/// records of an area image and the length of the run ending at it in
+/// which both `old_chunk` and `new_chunk` are consecutive.
+fn run_ending_at(buf: &[u8], committed: u64) -> Option<(DiskException, u64)> {
+    let last = area_record(buf, committed.checked_sub(1)?)?;
+    let mut n = 1;
+    while n < committed {
+        let Some(ce) = area_record(buf, committed - 1 - n) else {
+            break;
+        };
+        // checked: a run never wraps around chunk 0.
+        if Some(ce.old_chunk.0) != last.old_chunk.0.checked_sub(n)
+            || Some(ce.new_chunk.0) != last.new_chunk.0.checked_sub(n)
+        {
+            break;
+        }
+        n += 1;
+    }
+    Some((last, n))
 }
 
 impl std::fmt::Debug for PersistentStore {
@@ -196,6 +249,7 @@ impl PersistentStore {
             area,
             callbacks: Vec::new(),
             error: None,
+            merge_batch: None,
         }
     }
 
@@ -421,26 +475,32 @@ impl PersistentStore {
         Ok(())
     }
 
+    /// Read metadata area `area`, which lies before the current one and so
+    /// must be full (the step back of `persistent_prepare_merge`).
+    fn read_full_area(&self, area: u64) -> Result<Vec<u8>, StoreError> {
+        let mut buf = vec![0u8; self.chunk_size.bytes() as usize];
+        self.cow
+            .read_at(&mut buf, self.area_offset(area))
+            .map_err(|source| StoreError::ReadArea { area, source })?;
+        let rec = crate::format::decode_area(&buf);
+        if !rec.full {
+            return Err(StoreError::Corrupt {
+                area,
+                slot: rec.exceptions.len() as u64,
+                what: "the area before the current one is not full".into(),
+            });
+        }
+        Ok(buf)
+    }
+
     /// Mark the store invalid after a failed commit, keeping the first error.
     fn fail(&mut self, e: StoreError) {
-        tracing::error!("exception store: {}", chain(&e));
+        tracing::error!("exception store: {}", crate::error_chain(&e));
         self.valid = false;
         if self.error.is_none() {
             self.error = Some(e);
         }
     }
-}
-
-/// An error with its causes, for logs.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// A fresh store's chunk size when none is asked for: 4 KiB, or the
@@ -597,6 +657,130 @@ impl ExceptionStore for PersistentStore {
         self.write_area_durably()?;
         self.current_committed -= nr_merged;
         // Approximate, as in the kernel: only usage() reads it from now on.
+        self.next_free =
+            Chunk(area_location(self.chunk_size, self.current_area).0 + self.current_committed + 1);
+        Ok(())
+    }
+
+    /// The runs `prepare_merge` would hand out one after the other, walking
+    /// back across areas (each read once), up to `max_chunks` exceptions.
+    fn prepare_merge_batch(
+        &mut self,
+        max_chunks: u64,
+    ) -> Result<Vec<(Chunk, Chunk, u64)>, StoreError> {
+        self.merge_batch = None;
+        if !self.valid {
+            return Err(StoreError::Invalid);
+        }
+        let start = (self.current_area, self.current_committed);
+        let mut runs = Vec::new();
+        let mut areas: Vec<MergeArea> = Vec::new();
+        let mut nr = 0u64;
+        let mut cur = MergeArea {
+            area: self.current_area,
+            buf: self.area.clone(),
+            from: self.current_committed,
+            to: self.current_committed,
+        };
+        loop {
+            if cur.to == 0 {
+                if cur.area == 0 {
+                    break;
+                }
+                let area = cur.area - 1;
+                let buf = self.read_full_area(area)?;
+                let epa = self.exceptions_per_area();
+                let done = std::mem::replace(
+                    &mut cur,
+                    MergeArea {
+                        area,
+                        buf,
+                        from: epa,
+                        to: epa,
+                    },
+                );
+                if done.to < done.from {
+                    areas.push(done);
+                }
+            }
+            let Some((last, n)) = run_ending_at(&cur.buf, cur.to) else {
+                return Err(StoreError::Invalid);
+            };
+            if !runs.is_empty() && nr + n > max_chunks {
+                break;
+            }
+            runs.push((last.old_chunk, last.new_chunk, n));
+            nr += n;
+            cur.to -= n;
+        }
+        if cur.to < cur.from {
+            areas.push(cur);
+        }
+        if !runs.is_empty() {
+            self.merge_batch = Some(MergeBatch { start, areas, nr });
+        }
+        Ok(runs)
+    }
+
+    /// Clear the batch's records: one COW flush, then every area it touched
+    /// written with FUA, highest area first.
+    ///
+    /// Why any order (and any crash between the area writes) is safe: the
+    /// caller flushed the origin after copying the whole batch, so every
+    /// record in it is already merged and durable on the origin, and no
+    /// write to those origin chunks has been let through yet. After a
+    /// crash the loader stops at the first zero `new_chunk`: whatever
+    /// subset of the area writes reached the disk, it loads the records
+    /// before the first cleared slot, i.e. a prefix of the list that still
+    /// holds every unmerged record plus perhaps some merged ones, whose
+    /// copy is then repeated (idempotent: the COW still holds what the
+    /// origin holds). Records past the first cleared slot are never loaded,
+    /// and every one of them was merged. Highest first just makes a cut
+    /// look like the kernel's run-by-run progress.
+    ///
+    /// The state left (`current_area`, `current_committed`, `next_free`,
+    /// the working area) is what `commit_merge` leaves after the same runs
+    /// one at a time: the lowest area touched, holding its unmerged records.
+    fn commit_merge_batch(&mut self, nr_merged: u64) -> Result<(), StoreError> {
+        if !self.valid {
+            return Err(StoreError::Invalid);
+        }
+        let here = (self.current_area, self.current_committed);
+        let batch = match self.merge_batch.take() {
+            Some(b) if b.nr == nr_merged && b.start == here => b,
+            _ => {
+                return Err(StoreError::Corrupt {
+                    area: self.current_area,
+                    slot: self.current_committed,
+                    what: format!(
+                        "commit_merge_batch of {nr_merged} exceptions does not match \
+                         the prepared batch"
+                    ),
+                })
+            }
+        };
+        let mut areas = batch.areas;
+        for a in &mut areas {
+            let (lo, hi) = (a.to * DISK_EXCEPTION_BYTES, a.from * DISK_EXCEPTION_BYTES);
+            if let Some(recs) = a.buf.get_mut(lo as usize..hi as usize) {
+                recs.fill(0);
+            }
+        }
+        self.cow.flush().map_err(StoreError::Flush)?;
+        for a in &areas {
+            self.cow
+                .write_at(&a.buf, self.area_offset(a.area), WriteFlags::FUA)
+                .map_err(|source| StoreError::WriteArea {
+                    area: a.area,
+                    source,
+                })?;
+        }
+        if let Some(low) = areas.pop() {
+            self.current_area = low.area;
+            self.current_committed = low.to;
+            self.area = low.buf;
+        }
+        // Approximate, as in the kernel's commit_merge.
         self.next_free =
             Chunk(area_location(self.chunk_size, self.current_area).0 + self.current_committed + 1);
         Ok(())
@@ -964,6 +1148,105 @@ mod tests {
         assert_eq!(s.usage().to_string(), "16/8192 16");
     }
 
+    /// Batched merge steps leave exactly what the kernel's run-by-run
+    /// steps leave: the same runs, the same COW bytes, the same state and
+    /// status after every batch; each batch is one COW flush then one FUA
+    /// write per area it touched, highest first.
+    #[test]
+    fn merge_batches_equal_run_by_run_merging() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for round in 0..6 {
+            let kernel_dev = Arc::new(MemDev::new(4 << 20));
+            let mut k = PersistentStore::open(kernel_dev.clone(), None, false).unwrap();
+            // ~700 exceptions over 3 areas, runs of 1 to 40 (consecutive
+            // old chunks; new chunks consecutive except across metadata).
+            let mut old = 0u64;
+            for _ in 0..700 {
+                if rng.gen_bool(0.15) {
+                    old += rng.gen_range(2..50);
+                } else {
+                    old += 1;
+                }
+                let c = k.prepare_exception().unwrap();
+                let _ = commit(&mut k, de(old, c.0));
+            }
+            let dev = LogDev::new(4 << 20);
+            dev.inner
+                .write_at(&kernel_dev.snapshot(), 0, WriteFlags::NONE)
+                .unwrap();
+            let (mut b, _) = load(dev.clone());
+            let (mut k, _) = load(kernel_dev.clone());
+            dev.take();
+            let mut multi_area = 0;
+            loop {
+                let budget = rng.gen_range(1..600);
+                let runs = b.prepare_merge_batch(budget).unwrap();
+                if runs.is_empty() {
+                    assert_eq!(k.prepare_merge().unwrap(), None);
+                    break;
+                }
+                let nr: u64 = runs.iter().map(|r| r.2).sum();
+                assert!(runs.len() == 1 || nr <= budget, "round {round}");
+                for &r in &runs {
+                    let kr = k.prepare_merge().unwrap().unwrap();
+                    assert_eq!(kr, r, "round {round}: the kernel's next run");
+                    k.commit_merge(kr.2).unwrap();
+                }
+                b.commit_merge_batch(nr).unwrap();
+                let ops = dev.take();
+                assert_eq!(ops.first(), Some(&Op::F), "round {round}: {ops:?}");
+                let offs: Vec<u64> = ops[1..]
+                    .iter()
+                    .map(|op| match op {
+                        Op::W(off, 4096, true) => *off,
+                        other => panic!("round {round}: unexpected {other:?}"),
+                    })
+                    .collect();
+                assert!(offs.windows(2).all(|w| w[0] > w[1]), "highest area first");
+                if offs.len() > 1 {
+                    multi_area += 1;
+                }
+                assert!(
+                    dev.inner.snapshot() == kernel_dev.snapshot(),
+                    "round {round}"
+                );
+                assert_eq!(b.current_area(), k.current_area());
+                assert_eq!(b.current_committed(), k.current_committed());
+                assert_eq!(b.usage(), k.usage());
+                let (r, v) = load(dev.clone());
+                let (_, kv) = load(kernel_dev.clone());
+                assert_eq!(v, kv);
+                assert_eq!(r.current_area(), b.current_area());
+            }
+            assert!(multi_area > 0, "round {round}: no batch spanned two areas");
+            assert_eq!(b.usage().to_string(), "16/8192 16");
+        }
+    }
+
+    #[test]
+    fn commit_merge_batch_refuses_a_stale_batch() {
+        let dev = Arc::new(MemDev::new(4 << 20));
+        let mut s = PersistentStore::open(dev, None, false).unwrap();
+        fill(&mut s, 0, 10);
+        assert!(matches!(
+            s.commit_merge_batch(1),
+            Err(StoreError::Corrupt { .. })
+        ));
+        let runs = s.prepare_merge_batch(100).unwrap();
+        assert_eq!(runs, vec![(Chunk(9), Chunk(11), 10)]);
+        assert!(matches!(
+            s.commit_merge_batch(9),
+            Err(StoreError::Corrupt { .. })
+        ));
+        let runs = s.prepare_merge_batch(100).unwrap();
+        s.commit_merge(1).unwrap();
+        assert!(
+            s.commit_merge_batch(runs[0].2).is_err(),
+            "the state moved since the batch was prepared"
+        );
+    }
+
     #[test]
     fn corrupt_records_are_refused() {
         let c = cs(8);
@@ -1076,6 +1359,65 @@ mod tests {
                 assert_eq!(r.usage(), s.usage(), "round {round}");
                 assert_eq!(r.current_area(), s.current_area());
                 assert_eq!(r.current_committed(), s.current_committed());
+            }
+        }
+    }
+
+    #[test]
+    fn failing_to_zero_the_next_area_invalidates() {
+        let fd = Arc::new(FaultyDev::new(MemDev::new(4 << 20)));
+        let mut s = PersistentStore::open(fd.clone(), None, false).unwrap();
+        fill(&mut s, 0, 255);
+        fd.add(Fault::Range {
+            kind: OpKind::Write,
+            offset: 258 * 4096,
+            len: 4096,
+        });
+        let c = s.prepare_exception().unwrap();
+        assert_eq!(commit(&mut s, de(1000, c.0)), vec![false]);
+        assert!(!s.is_valid());
+        assert!(matches!(
+            s.take_error(),
+            Some(StoreError::ZeroArea { area: 1, .. })
+        ));
+        // The full area was never written: a reload sees the 255 before it.
+        fd.clear();
+        let (_, v) = load(fd);
+        assert_eq!(v.len(), 255);
+    }
+
+    proptest::proptest! {
+        /// Hostile metadata: any bytes in the first areas load or fail
+        /// with an error, never panic, and what loads is in range.
+        #[test]
+        fn hostile_areas_never_panic(
+            a0 in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096),
+            fill0 in 0usize..257,
+            a1 in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096),
+            len_chunks in 3u64..600,
+        ) {
+            let dev = Arc::new(MemDev::new(len_chunks * 4096));
+            PersistentStore::open(dev.clone(), None, false).unwrap();
+            // Area 0: `fill0` plausible records, then the random bytes.
+            let recs: Vec<_> = (0..fill0 as u64).map(|i| de(i, 2 + i)).collect();
+            let mut area0 = crate::format::encode_area(&recs, 4096);
+            let start = (fill0 * 16).min(4096);
+            let n = a0.len().min(4096 - start);
+            area0[start..start + n].copy_from_slice(&a0[..n]);
+            dev.write_at(&area0, 4096, WriteFlags::NONE).unwrap();
+            if len_chunks > 259 {
+                dev.write_at(&a1, 258 * 4096, WriteFlags::NONE).unwrap();
+            }
+            let mut s = PersistentStore::open(dev, None, false).unwrap();
+            let mut v = Vec::new();
+            if s.read_metadata(&mut |e| v.push(e)).is_ok() {
+                for e in &v {
+                    proptest::prop_assert!(e.new_chunk.0 < len_chunks);
+                    proptest::prop_assert!(!is_metadata_chunk(cs(8), e.new_chunk));
+                }
+                proptest::prop_assert!(s.next_free().0 >= 2);
+                let u = s.usage();
+                proptest::prop_assert!(u.metadata.0 >= 16);
             }
         }
     }

@@ -1,10 +1,9 @@
-//! Helpers for tests that drive the `dmsnap` binary: a daemon guard, golden
-//! fixtures, the golden data pattern.
+//! Helpers for tests that drive the `dmsnap` binary: runners, a daemon guard,
+//! a minimal NBD client. Golden fixtures and patterns are in `tests/common`.
 #![allow(dead_code)]
 
 pub mod nbd_client;
 
-use sha2::{Digest, Sha256};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -31,61 +30,10 @@ pub fn ok(args: &[&str]) -> String {
     String::from_utf8(o.stdout).expect("utf8 stdout")
 }
 
-/// Where the kernel-made golden cases live: the project's copy, or the
-/// shared folder beside the checkout.
-pub fn golden_dir(case: &str) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let local = root.join("tests/fixtures/kernel").join(case);
-    if local.exists() {
-        local
-    } else {
-        root.join("../shared/golden").join(case)
-    }
-}
-
-/// Decompress a golden image into `dst`.
-pub fn unpack(case: &str, file: &str, dst: &Path) {
-    let src = golden_dir(case).join(format!("{file}.zst"));
-    let st = Command::new("zstd")
-        .args(["-q", "-d", "-f", "--long=27", "-o"])
-        .arg(dst)
-        .arg(&src)
-        .status()
-        .expect("zstd (installed by scripts/test.sh)");
-    assert!(st.success(), "zstd -d {}", src.display());
-}
-
-pub fn case_json(case: &str) -> serde_json::Value {
-    let t = std::fs::read_to_string(golden_dir(case).join("case.json")).expect("case.json");
-    serde_json::from_str(&t).expect("case.json parses")
-}
-
-/// Bytes `[offset, offset+len)` of golden pattern `letter`: 512-byte sector
-/// `s` is `('X%09d.' % s * 47)[:511] + '\n'`.
-pub fn pattern(letter: char, offset: u64, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len);
-    let first = offset / 512;
-    let last = (offset + len as u64).div_ceil(512);
-    for s in first..last {
-        let unit = format!("{letter}{s:09}.");
-        let mut sector = unit.repeat(47).into_bytes();
-        sector.truncate(511);
-        sector.push(b'\n');
-        let lo = if s == first {
-            (offset % 512) as usize
-        } else {
-            0
-        };
-        let hi = ((offset + len as u64) - s * 512).min(512) as usize;
-        out.extend_from_slice(&sector[lo..hi]);
-    }
-    out
-}
-
-pub fn sha256_hex(b: &[u8]) -> String {
-    let d = Sha256::digest(b);
-    d.iter().map(|x| format!("{x:02x}")).collect()
-}
+/// Environment for a daemon whose merge must be watched mid-way: one run per
+/// step, as the kernel merges, instead of the default batches that finish a
+/// small test merge in one step.
+pub const SLOW_MERGE: (&str, &str) = ("DMSNAP_MERGE_BATCH_CHUNKS", "1");
 
 /// A running `dmsnap serve`, stopped with SIGTERM on drop.
 pub struct Daemon {
@@ -95,10 +43,16 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(pool: &Path, extra: &[&str]) -> Daemon {
+        Self::start_env(pool, extra, &[])
+    }
+
+    /// Like [`Daemon::start`], with extra environment for the daemon.
+    pub fn start_env(pool: &Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let mut child = Command::new(bin())
             .arg("serve")
             .arg(pool)
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -126,6 +80,11 @@ impl Daemon {
             child: Some(child),
             pool: pool.to_path_buf(),
         }
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
     pub fn socket(&self) -> PathBuf {
