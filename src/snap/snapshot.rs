@@ -470,6 +470,36 @@ impl Snapshot {
         res
     }
 
+    /// Write a run of whole chunks straight to their new COW chunks (one
+    /// write: both the origin and the COW chunk numbers are consecutive), then
+    /// push each through the ordered completion path as its copy. Empties `run`.
+    fn write_full_chunks(
+        &self,
+        buf: &[u8],
+        run: &mut Vec<(u64, u64, u64)>,
+        (start, len): (usize, usize),
+        direct_done: &mut HashSet<u64>,
+    ) {
+        let Some(&(_, _, first_new)) = run.first() else {
+            return;
+        };
+        let ok = match self.cow.write_at(
+            &buf[start..start + len],
+            self.chunk_size.chunk_to_byte(Chunk(first_new)),
+            WriteFlags::NONE,
+        ) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(snapshot = %self.name, error = %e, "COW write failed");
+                false
+            }
+        };
+        for (seq, old, new) in run.drain(..) {
+            direct_done.insert(old);
+            self.copy_done(seq, old, new, ok);
+        }
+    }
+
     fn write_snapshot(&self, buf: &[u8], offset: u64, fua: bool) -> Result<(), DevError> {
         check_request(offset, buf.len() as u64, self.origin_size)?;
         let cs = self.chunk_size;
@@ -501,29 +531,31 @@ impl Snapshot {
             let (items, was_full) = self.allocate(&create, overflow_mode);
             full = was_full;
             let mut copies = Vec::new();
+            // Kernel a6e50b40: a write covering the whole chunk skips the
+            // origin read; its data is the copy. Chunks whose origin and COW
+            // numbers are both consecutive (a long write gets consecutive COW
+            // chunks) go to the COW in one write, then complete one by one
+            // in allocation order.
+            let mut run: Vec<(u64, u64, u64)> = Vec::new(); // (seq, old, new)
+            let mut run_buf: (usize, usize) = (0, 0); // (start, len) in buf
             for it in items {
                 match full_piece.get(&it.old) {
-                    // Kernel a6e50b40: a write covering the whole chunk skips
-                    // the origin read; its data is the copy.
                     Some(&pi) if !full => {
                         let (_, _, bo, n) = ps[pi];
-                        let ok = match self.cow.write_at(
-                            &buf[bo..bo + n],
-                            cs.chunk_to_byte(Chunk(it.new)),
-                            WriteFlags::NONE,
-                        ) {
-                            Ok(()) => true,
-                            Err(e) => {
-                                tracing::error!(snapshot = %self.name, error = %e, "COW write failed");
-                                false
-                            }
-                        };
-                        direct_done.insert(it.old);
-                        self.copy_done(it.seq, it.old, it.new, ok);
+                        let extends = run.last().is_some_and(|&(_, old, new)| {
+                            it.old == old + 1 && it.new == new + 1 && bo == run_buf.0 + run_buf.1
+                        });
+                        if !extends {
+                            self.write_full_chunks(buf, &mut run, run_buf, &mut direct_done);
+                            run_buf = (bo, 0);
+                        }
+                        run.push((it.seq, it.old, it.new));
+                        run_buf.1 += n;
                     }
                     _ => copies.push(it),
                 }
             }
+            self.write_full_chunks(buf, &mut run, run_buf, &mut direct_done);
             submit_copies(&self.copier, &self.origin_dev, copies);
         }
         // Wait for our and others' pending exceptions on these chunks.
