@@ -601,19 +601,7 @@ impl ExceptionStore for PersistentStore {
             }
             // Step back to the previous area, which is full on disk.
             let area = self.current_area - 1;
-            let mut buf = vec![0u8; self.chunk_size.bytes() as usize];
-            self.cow
-                .read_at(&mut buf, self.area_offset(area))
-                .map_err(|source| StoreError::ReadArea { area, source })?;
-            let rec = crate::format::decode_area(&buf);
-            if !rec.full {
-                return Err(StoreError::Corrupt {
-                    area,
-                    slot: rec.exceptions.len() as u64,
-                    what: "the area before the current one is not full".into(),
-                });
-            }
-            self.area = buf;
+            self.area = self.read_full_area(area)?;
             self.current_area = area;
             self.current_committed = self.exceptions_per_area();
         }
