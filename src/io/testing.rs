@@ -140,12 +140,32 @@ struct CrashState {
     durable: Vec<u8>,
     /// Writes not yet covered by a flush, in order: (offset, bytes).
     unflushed: Vec<(u64, Vec<u8>, bool)>,
-    /// Write/flush operations performed so far.
+    /// The device's own power supply (unused when it is in a group).
+    power: Power,
+}
+
+/// A power supply: counts write/flush operations and cuts power at an armed
+/// one: after `crash_after` operations, that one and all later ones fail.
+#[derive(Default)]
+struct Power {
     ops: u64,
-    /// After this many write/flush operations the device "loses power":
-    /// the operation that would be number `crash_after` and all later ones fail.
     crash_after: Option<u64>,
     crashed: bool,
+}
+
+impl Power {
+    /// Count one write/flush, or fail it if power is (now) cut.
+    fn tick(&mut self) -> io::Result<()> {
+        if self.crashed {
+            return Err(injected());
+        }
+        if self.crash_after.is_some_and(|n| self.ops >= n) {
+            self.crashed = true;
+            return Err(injected());
+        }
+        self.ops += 1;
+        Ok(())
+    }
 }
 
 /// A device that simulates power loss. Writes land in `live`; a flush makes
@@ -164,14 +184,7 @@ pub struct CrashDev {
 /// all members, and a power cut that hits them all at once.
 #[derive(Default)]
 pub struct CrashGroup {
-    st: Mutex<GroupState>,
-}
-
-#[derive(Default)]
-struct GroupState {
-    ops: u64,
-    crash_after: Option<u64>,
-    crashed: bool,
+    st: Mutex<Power>,
 }
 
 impl CrashGroup {
@@ -197,18 +210,7 @@ impl CrashGroup {
         self.st.lock().crashed
     }
     fn tick(&self) -> io::Result<()> {
-        let mut st = self.st.lock();
-        if st.crashed {
-            return Err(injected());
-        }
-        if let Some(n) = st.crash_after {
-            if st.ops >= n {
-                st.crashed = true;
-                return Err(injected());
-            }
-        }
-        st.ops += 1;
-        Ok(())
+        self.st.lock().tick()
     }
 }
 
@@ -224,9 +226,7 @@ impl CrashDev {
                 durable: bytes.clone(),
                 live: bytes,
                 unflushed: Vec::new(),
-                ops: 0,
-                crash_after: None,
-                crashed: false,
+                power: Power::default(),
             }),
             group: None,
         }
@@ -234,15 +234,15 @@ impl CrashDev {
     /// Cut power when the `n`-th write or flush (0-based, counted from the
     /// device's creation) is attempted: it and all later operations fail.
     pub fn crash_after(&self, n: u64) {
-        self.st.lock().crash_after = Some(n);
+        self.st.lock().power.crash_after = Some(n);
     }
     /// Write and flush operations performed so far.
     pub fn ops(&self) -> u64 {
-        self.st.lock().ops
+        self.st.lock().power.ops
     }
     /// True once the armed power cut happened.
     pub fn has_crashed(&self) -> bool {
-        self.st.lock().crashed
+        self.st.lock().power.crashed
     }
     /// What survives a power loss now: the durable image.
     pub fn crash(&self) -> Vec<u8> {
@@ -282,17 +282,7 @@ impl CrashDev {
         if let Some(g) = &self.group {
             return g.tick();
         }
-        if st.crashed {
-            return Err(injected());
-        }
-        if let Some(n) = st.crash_after {
-            if st.ops >= n {
-                st.crashed = true;
-                return Err(injected());
-            }
-        }
-        st.ops += 1;
-        Ok(())
+        st.power.tick()
     }
 }
 
@@ -302,7 +292,7 @@ impl BlockDev for CrashDev {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let st = self.st.lock();
-        if st.crashed || self.group.as_ref().is_some_and(|g| g.has_crashed()) {
+        if st.power.crashed || self.group.as_ref().is_some_and(|g| g.has_crashed()) {
             return Err(injected());
         }
         check_range(offset, buf.len() as u64, st.live.len() as u64)?;
