@@ -63,6 +63,8 @@ pub enum ProgressMode {
 pub struct ProgressMonitor {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// The bar once drawn, shared with the sampling thread.
+    bar: Arc<parking_lot::Mutex<Option<indicatif::ProgressBar>>>,
 }
 
 impl ProgressMonitor {
@@ -70,24 +72,50 @@ impl ProgressMonitor {
     /// Returns a monitor that does nothing when `mode` says no bar.
     pub fn start(label: &str, progress: Arc<Progress>, mode: ProgressMode) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
+        let bar = Arc::new(parking_lot::Mutex::new(None));
         let min_total = match mode {
             ProgressMode::Off => {
-                return ProgressMonitor { stop, thread: None };
+                return ProgressMonitor {
+                    stop,
+                    thread: None,
+                    bar,
+                };
             }
             ProgressMode::Auto { min_total } => min_total,
         };
         if !std::io::stderr().is_terminal() {
-            return ProgressMonitor { stop, thread: None };
+            return ProgressMonitor {
+                stop,
+                thread: None,
+                bar,
+            };
         }
         let label = label.to_owned();
         let stop2 = Arc::clone(&stop);
+        let bar2 = Arc::clone(&bar);
         let spawned = std::thread::Builder::new()
             .name("progress".into())
-            .spawn(move || monitor_loop(&label, &progress, &stop2, min_total));
+            .spawn(move || monitor_loop(&label, &progress, &stop2, &bar2, min_total));
         ProgressMonitor {
             stop,
             // Without a thread there is simply no bar; the job is unaffected.
             thread: spawned.ok(),
+            bar,
+        }
+    }
+
+    /// True while a bar is on screen.
+    pub fn is_drawing(&self) -> bool {
+        self.bar.lock().is_some()
+    }
+
+    /// Run `f` (which prints to the terminal) with the bar hidden, so
+    /// output lines and the bar do not overwrite each other.
+    pub fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
+        let guard = self.bar.lock();
+        match guard.as_ref() {
+            Some(b) => b.suspend(f),
+            None => f(),
         }
     }
 
@@ -110,10 +138,16 @@ impl Drop for ProgressMonitor {
     }
 }
 
-fn monitor_loop(label: &str, progress: &Progress, stop: &AtomicBool, min_total: u64) {
-    let mut bar: Option<indicatif::ProgressBar> = None;
+fn monitor_loop(
+    label: &str,
+    progress: &Progress,
+    stop: &AtomicBool,
+    shared: &parking_lot::Mutex<Option<indicatif::ProgressBar>>,
+    min_total: u64,
+) {
     while !stop.load(Ordering::Relaxed) {
         let total = progress.total();
+        let mut bar = shared.lock();
         if bar.is_none() && total >= min_total && total > 0 {
             let b = indicatif::ProgressBar::with_draw_target(
                 Some(total),
@@ -125,15 +159,16 @@ fn monitor_loop(label: &str, progress: &Progress, stop: &AtomicBool, min_total: 
                 b.set_style(style.progress_chars("=> "));
             }
             b.set_message(label.to_owned());
-            bar = Some(b);
+            *bar = Some(b);
         }
-        if let Some(b) = &bar {
+        if let Some(b) = bar.as_ref() {
             b.set_length(total.max(1));
             b.set_position(progress.done().min(total));
         }
+        drop(bar);
         std::thread::sleep(Duration::from_millis(100));
     }
-    if let Some(b) = bar {
+    if let Some(b) = shared.lock().take() {
         b.finish_and_clear();
     }
 }
@@ -153,6 +188,8 @@ mod tests {
         assert_eq!(p.done(), 10);
         let m = ProgressMonitor::start("test", Arc::clone(&p), ProgressMode::Off);
         assert!(m.thread.is_none());
+        assert!(!m.is_drawing());
+        assert_eq!(m.suspend(|| 5), 5);
         m.finish();
     }
 }

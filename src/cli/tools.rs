@@ -122,7 +122,14 @@ pub fn check(a: CheckArgs) -> CmdResult {
     opts.progress = Some(progress);
     opts.readahead = a.readahead;
     let r = check_with(&opts, &mut |f| {
-        writeln!(out, "{f}").map_err(ToolError::Output)
+        if monitor.is_drawing() {
+            // Keep finding lines and the bar apart on the terminal.
+            monitor
+                .suspend(|| writeln!(out, "{f}").and_then(|()| out.flush()))
+                .map_err(ToolError::Output)
+        } else {
+            writeln!(out, "{f}").map_err(ToolError::Output)
+        }
     });
     monitor.finish();
     let report = match r {
