@@ -8,6 +8,9 @@
 //! - hence the origin was never overwritten before the copy and its record
 //!   were durable (else a snapshot chunk would read the new origin data).
 
+mod common;
+
+use common::fill;
 use dmsnap::device::Device;
 use dmsnap::io::testing::{CrashDev, CrashGroup};
 use dmsnap::io::{DevRef, MemDev};
@@ -18,18 +21,6 @@ use std::sync::Arc;
 
 const ORIGIN: u64 = 160 * 1024 + 512;
 const COW: u64 = 1 << 20;
-
-fn fill(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// A device's content as far as a crash may leave it.
 #[derive(Clone)]

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{case_json, exceptions_txt, fixture, pattern, sha256_hex};
+use common::{case_json, exceptions_txt, fixture, pattern, read_all, sha256_hex};
 use dmsnap::device::Device;
 use dmsnap::io::{DevRef, MemDev};
 use dmsnap::snap::{Origin, Snapshot};
@@ -18,12 +18,6 @@ struct Replayed {
     origin: Arc<Origin>,
     origin_dev: Arc<MemDev>,
     snaps: Vec<(String, Arc<Snapshot>, Arc<MemDev>)>,
-}
-
-fn read_all(d: &dyn Device) -> Vec<u8> {
-    let mut b = vec![0; d.size() as usize];
-    d.read_at(&mut b, 0).expect("read the whole device");
-    b
 }
 
 /// Replay `case`; `snaps` maps op targets to COW image names. `later`:

@@ -3,6 +3,9 @@
 //! chunk sizes added mid-way, P and N stores) checked after every operation
 //! against plain byte vectors; and concurrent variants.
 
+mod common;
+
+use common::fill;
 use dmsnap::device::{DevError, Device};
 use dmsnap::io::{DevRef, MemDev};
 use dmsnap::snap::{Origin, SnapState, Snapshot};
@@ -12,18 +15,6 @@ use proptest::prelude::*;
 use std::sync::Arc;
 
 const ORIGIN: u64 = 192 * 1024 + 1536; // last chunk partial for every chunk size
-
-fn fill(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 fn store_types() -> Vec<StoreType> {
     if persistent_available() {

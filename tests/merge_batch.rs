@@ -4,6 +4,9 @@
 //! works, and so does a restart from the half-cleared COW (the loader stops
 //! at the cleared area; everything past it is already on the origin).
 
+mod common;
+
+use common::{read_all, stamp};
 use dmsnap::device::Device;
 use dmsnap::io::testing::{Fault, FaultyDev, OpKind};
 use dmsnap::io::{BlockDev, DevRef, MemDev};
@@ -14,18 +17,6 @@ use std::sync::Arc;
 
 const ORIGIN: u64 = 2 << 20;
 const CHUNK: u64 = 4096;
-
-fn read_all(d: &dyn Device) -> Vec<u8> {
-    let mut b = vec![0; d.size() as usize];
-    d.read_at(&mut b, 0).unwrap();
-    b
-}
-
-fn stamp(gen: u8, chunk: u64) -> Vec<u8> {
-    let mut b = vec![gen; CHUNK as usize];
-    b[..8].copy_from_slice(&chunk.to_le_bytes());
-    b
-}
 
 #[test]
 fn area_write_error_in_a_batch_loses_nothing_and_resumes() {

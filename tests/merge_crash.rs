@@ -8,6 +8,9 @@
 //! default limit) and once in batches of at most 50 chunks (batch ends
 //! inside areas and one batch across the area boundary).
 
+mod common;
+
+use common::{fill, read_all};
 use dmsnap::device::Device;
 use dmsnap::io::testing::{CrashDev, CrashGroup};
 use dmsnap::io::{BlockDev, DevRef, MemDev, WriteFlags};
@@ -19,24 +22,6 @@ use std::sync::Arc;
 
 const ORIGIN: u64 = 1536 * 1024;
 const COW: u64 = 4 << 20;
-
-fn fill(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn read_all(d: &dyn Device) -> Vec<u8> {
-    let mut b = vec![0; d.size() as usize];
-    d.read_at(&mut b, 0).unwrap();
-    b
-}
 
 fn raw_all(d: &DevRef) -> Vec<u8> {
     let mut b = vec![0; d.len() as usize];

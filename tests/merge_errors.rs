@@ -3,6 +3,9 @@
 //! their content, and once the device works again the merge can be resumed
 //! to the end.
 
+mod common;
+
+use common::{read_all, stamp};
 use dmsnap::device::Device;
 use dmsnap::io::testing::{Fault, FaultyDev, OpKind};
 use dmsnap::io::{BlockDev, DevRef, MemDev};
@@ -13,18 +16,6 @@ use std::sync::Arc;
 
 const ORIGIN: u64 = 1 << 20;
 const CHUNK: u64 = 4096;
-
-fn read_all(d: &dyn Device) -> Vec<u8> {
-    let mut b = vec![0; d.size() as usize];
-    d.read_at(&mut b, 0).unwrap();
-    b
-}
-
-fn stamp(gen: u8, chunk: u64) -> Vec<u8> {
-    let mut b = vec![gen; CHUNK as usize];
-    b[..8].copy_from_slice(&chunk.to_le_bytes());
-    b
-}
 
 #[test]
 fn origin_write_error_fails_the_merge_and_loses_nothing() {

@@ -3,6 +3,9 @@
 //! exceptions are triggered by the merge's copies and by origin writes), and
 //! at the end the origin device holds exactly the model.
 
+mod common;
+
+use common::{fill, read_all};
 use dmsnap::device::{DevError, Device};
 use dmsnap::io::{DevRef, MemDev};
 use dmsnap::snap::{Origin, SnapState};
@@ -11,24 +14,6 @@ use dmsnap::units::ChunkSize;
 use std::sync::Arc;
 
 const ORIGIN: u64 = 2 << 20;
-
-fn fill(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn read_all(d: &dyn Device) -> Vec<u8> {
-    let mut b = vec![0; d.size() as usize];
-    d.read_at(&mut b, 0).unwrap();
-    b
-}
 
 #[test]
 fn io_during_merge_matches_model() {

@@ -6,7 +6,9 @@
 //! - [`pattern`]: the golden data pattern (what the kernel runs wrote);
 //! - [`case_json`], [`exceptions_txt`], [`expected_sha256`]: the case metadata;
 //! - [`apply_exceptions`]: rebuild a snapshot from an origin image and a COW;
-//! - [`sha256_hex`], [`dmsnap_bin`].
+//! - [`sha256_hex`], [`dmsnap_bin`];
+//! - engine tests: [`fill`] (seeded bytes), [`stamp`] (a chunk marked with its
+//!   number), [`read_all`] (a whole `Device`).
 //!
 //! Not every test file uses every helper.
 #![allow(dead_code)]
@@ -191,4 +193,32 @@ pub fn sha256_hex(data: &[u8]) -> String {
 /// The `dmsnap` binary built for this test run.
 pub fn dmsnap_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_dmsnap"))
+}
+
+/// `len` pseudo-random bytes from `seed` (xorshift; the same seed gives the
+/// same bytes).
+pub fn fill(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A 4 KiB chunk of byte `gen` whose first 8 bytes hold `chunk` (LE).
+pub fn stamp(gen: u8, chunk: u64) -> Vec<u8> {
+    let mut b = vec![gen; 4096];
+    b[..8].copy_from_slice(&chunk.to_le_bytes());
+    b
+}
+
+/// The whole content of a device.
+pub fn read_all(d: &dyn dmsnap::device::Device) -> Vec<u8> {
+    let mut b = vec![0; d.size() as usize];
+    d.read_at(&mut b, 0).expect("read the whole device");
+    b
 }
