@@ -19,11 +19,6 @@ fn kernel_exceptions(case: &str, cow: &str) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// Write golden image `file` of `case` to `dst`.
-fn unpack(case: &str, file: &str, dst: &Path) {
-    std::fs::write(dst, fixture(case, file)).expect("write fixture");
-}
-
 fn dumped_exceptions(cow: &Path) -> (bool, Vec<(u64, u64)>) {
     let out = ok(&["dump", "--json", cow.to_str().unwrap()]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("dump --json parses");
@@ -70,7 +65,7 @@ impl Replay {
     fn new(case: &str, snap: &str, cow_size: u64, chunk: u64) -> Replay {
         let pool = tempfile::tempdir().unwrap();
         let origin = pool.path().join("kernel-origin.img");
-        unpack(case, "origin_at_snapshot.img", &origin);
+        std::fs::write(&origin, fixture(case, "origin_at_snapshot.img")).unwrap();
         let p = pool.path().join("pool");
         ok(&[
             "create",
@@ -288,29 +283,38 @@ fn two_snapshots_one_taken_online_match_the_kernel() {
     );
 }
 
-fn merge_pool(scratch: &Path) -> std::path::PathBuf {
-    let case = "merge_complete";
-    let origin = scratch.join("origin.img");
-    let cow = scratch.join("cow.img");
-    unpack(case, "origin_pre_merge.img", &origin);
-    unpack(case, "cow_pre_merge.img", &cow);
+/// A pool in `scratch/pool` over `scratch/origin.img` holding `origin`, with
+/// snapshot `snap` adopting `scratch/cow.img` (holding `cow`) as it is.
+fn adopting_pool(scratch: &Path, origin: &[u8], cow: &[u8]) -> std::path::PathBuf {
+    let (o, c) = (scratch.join("origin.img"), scratch.join("cow.img"));
+    std::fs::write(&o, origin).unwrap();
+    std::fs::write(&c, cow).unwrap();
     let p = scratch.join("pool");
     ok(&[
         "create",
         p.to_str().unwrap(),
         "--origin",
-        origin.to_str().unwrap(),
+        o.to_str().unwrap(),
     ]);
-    // Adopt the kernel's COW as it is.
     ok(&[
         "snapshot",
         "create",
         p.to_str().unwrap(),
         "snap",
         "--cow",
-        cow.to_str().unwrap(),
+        c.to_str().unwrap(),
     ]);
     p
+}
+
+/// The kernel's pre-merge pair adopted into a pool.
+fn merge_pool(scratch: &Path) -> std::path::PathBuf {
+    let case = "merge_complete";
+    adopting_pool(
+        scratch,
+        &fixture(case, "origin_pre_merge.img"),
+        &fixture(case, "cow_pre_merge.img"),
+    )
 }
 
 #[test]
@@ -396,8 +400,7 @@ fn merge_the_kernel_left_half_done_resumes_to_the_kernels_origin() {
         let (o, n) = (old as usize * CHUNK, new as usize * CHUNK);
         origin[o..o + CHUNK].copy_from_slice(&cow[n..n + CHUNK]);
     }
-    std::fs::write(t.path().join("origin.img"), &origin).unwrap();
-    std::fs::write(t.path().join("cow.img"), &cow).unwrap();
+    let p = adopting_pool(t.path(), &origin, &cow);
     let (valid, left) = dumped_exceptions(&t.path().join("cow.img"));
     assert!(valid);
     assert_eq!(
@@ -405,21 +408,6 @@ fn merge_the_kernel_left_half_done_resumes_to_the_kernels_origin() {
         records[..records.len() - merged],
         "the cleared records end the list"
     );
-    let p = t.path().join("pool");
-    ok(&[
-        "create",
-        p.to_str().unwrap(),
-        "--origin",
-        t.path().join("origin.img").to_str().unwrap(),
-    ]);
-    ok(&[
-        "snapshot",
-        "create",
-        p.to_str().unwrap(),
-        "snap",
-        "--cow",
-        t.path().join("cow.img").to_str().unwrap(),
-    ]);
     ok(&["merge", p.to_str().unwrap(), "snap"]);
     let merged_origin = std::fs::read(t.path().join("origin.img")).unwrap();
     assert_eq!(
