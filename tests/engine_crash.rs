@@ -141,10 +141,11 @@ struct Rig {
     snaps: Vec<Arc<Snapshot>>,
 }
 
-fn rig(init: &[u8]) -> Rig {
+fn rig(init: &[u8], durable: bool) -> Rig {
     let group = CrashGroup::new();
     let origin_dev = group.device(init.to_vec());
     let origin = Origin::new(origin_dev.clone() as DevRef);
+    origin.set_durable_snapshot_writes(durable);
     let cows: Vec<Arc<CrashDev>> = (0..2)
         .map(|_| group.device(vec![0; COW as usize]))
         .collect();
@@ -236,10 +237,21 @@ fn run(rig: &Rig, ops: &[Op], init: &[u8], cut: Option<u64>) -> (DevModel, Vec<D
 
 #[test]
 fn crash_at_every_write_and_flush_keeps_snapshots_and_flushed_writes() {
+    crash_at_every_op(false);
+}
+
+#[test]
+fn crash_at_every_op_with_durable_snapshot_writes() {
+    crash_at_every_op(true);
+}
+
+/// Snapshot first writes acknowledged before (`durable = false`) or after
+/// their records are durable: the same guarantees hold after every cut.
+fn crash_at_every_op(durable: bool) {
     let init = fill(77, ORIGIN as usize);
     let ops = workload();
     // A run without power loss: how many ops, and the final state is exact.
-    let full = rig(&init);
+    let full = rig(&init, durable);
     let base = full.group.ops();
     let (mo, ms) = run(&full, &ops, &init, None);
     let total = full.group.ops() - base;
@@ -254,7 +266,7 @@ fn crash_at_every_write_and_flush_keeps_snapshots_and_flushed_writes() {
     let _ = mo;
     println!("crash points: {total}");
     for k in 0..=total {
-        let r = rig(&init);
+        let r = rig(&init, durable);
         let (mo, ms) = run(&r, &ops, &init, Some(k));
         // What survives: the durable images, and (a disk may persist part
         // of its cache, in order) the durable images plus every unflushed

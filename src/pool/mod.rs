@@ -582,6 +582,7 @@ impl Pool {
     pub fn activate(mut self, opts: ActivateOptions) -> Result<Arc<ActivePool>, PoolError> {
         let origin_dev: DevRef = Arc::new(self.open_origin(opts.direct)?);
         let origin = Origin::new(origin_dev);
+        origin.set_durable_snapshot_writes(opts.sync_snapshot_writes);
         let mut dropped = Vec::new();
         for e in &self.manifest.snapshots {
             if e.store == StoreType::Transient && e.activated {
@@ -649,6 +650,9 @@ impl Pool {
 pub struct ActivateOptions {
     /// Open the origin and COWs with O_DIRECT.
     pub direct: bool,
+    /// Acknowledge a snapshot's first write to a chunk only once its COW
+    /// record is durable (see [`Origin::set_durable_snapshot_writes`]).
+    pub sync_snapshot_writes: bool,
 }
 
 /// A pool whose origin and snapshots are live in this process.

@@ -106,8 +106,10 @@ impl Origin {
             snap.inner.lock().merging = true;
             *self.merging.write() = Some(snap.clone());
         }
-        // Its own device I/O and pending exceptions drain.
+        // Its own device I/O and pending exceptions drain, and every
+        // record is durable (the merge works on durable records only).
         snap.wait_idle();
+        let _ = snap.sync_all();
         {
             let mut i = snap.inner.lock();
             i.merge_failed = false;
@@ -379,9 +381,13 @@ impl Origin {
             }
         }
         submit_copies(&self.copier, &self.dev, items);
-        for (s, first, last) in waits {
+        for &(s, first, last) in &waits {
             s.wait_range(first, last);
         }
+        // Their records must be durable before the origin is overwritten
+        // (an invalid snapshot no longer holds the origin back, as in the
+        // kernel: its error is ignored).
+        Snapshot::sync_ranges(&waits);
     }
 
     /// Exceptions per merge step: the limit set by

@@ -11,6 +11,7 @@ use crate::io::{DevRef, WriteFlags};
 use crate::store::{ExceptionStore, StoreType, TransientStore};
 use crate::units::ChunkSize;
 use parking_lot::{Condvar, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
 /// A live origin device and its snapshots, shared as `Arc<Origin>`.
@@ -28,6 +29,10 @@ pub struct Origin {
     pub(crate) merging: RwLock<Option<Arc<Snapshot>>>,
     pub(crate) merge: Mutex<MergeCtl>,
     pub(crate) merge_cond: Condvar,
+    /// Snapshots added from now on acknowledge a write that creates an
+    /// exception only once its record is durable (see
+    /// [`set_durable_snapshot_writes`](Self::set_durable_snapshot_writes)).
+    durable_snapshot_writes: AtomicBool,
 }
 
 impl Origin {
@@ -48,7 +53,21 @@ impl Origin {
             merging: RwLock::new(None),
             merge: Mutex::new(MergeCtl::default()),
             merge_cond: Condvar::new(),
+            durable_snapshot_writes: AtomicBool::new(false),
         })
+    }
+
+    /// How snapshots added from now on acknowledge a write to a chunk that
+    /// has no exception yet. `false` (the default): once the data is on the
+    /// COW and the exception is in the table; its record becomes durable
+    /// with the next FLUSH or FUA write to the snapshot (or any flush of the
+    /// origin), or when its metadata area fills — a crash before that loses
+    /// the write, as it may lose any unflushed write. `true`: only once the
+    /// record is durable, as the kernel's dm-snapshot does. Either way an
+    /// origin write never reaches the origin before the records of the
+    /// chunks it overwrites are durable.
+    pub fn set_durable_snapshot_writes(&self, on: bool) {
+        self.durable_snapshot_writes.store(on, Ordering::Relaxed);
     }
 
     /// Size in bytes.
@@ -110,6 +129,7 @@ impl Origin {
             self.dev.clone(),
             cow,
             self.copier.clone(),
+            self.durable_snapshot_writes.load(Ordering::Relaxed),
         );
         {
             let _g = self.gate.write();
@@ -155,6 +175,8 @@ impl Origin {
         }
         snap.inner.lock().gone = true;
         snap.wait_idle();
+        // Its last records too (an invalid snapshot has none to write).
+        let _ = snap.sync_all();
         snap.cow.flush().map_err(|source| SnapError::Io {
             what: "COW device",
             source,
@@ -170,13 +192,16 @@ impl Origin {
         self.snaps.read().clone()
     }
 
-    /// Flush the origin and every COW.
+    /// Flush the origin and every COW, and make every snapshot's records
+    /// durable.
     pub fn sync(&self) -> Result<(), SnapError> {
         self.dev.flush().map_err(|source| SnapError::Io {
             what: "origin device",
             source,
         })?;
         for s in self.snapshots() {
+            // An invalid snapshot has nothing left to make durable.
+            let _ = s.sync_all();
             s.cow.flush().map_err(|source| SnapError::Io {
                 what: "COW device",
                 source,
@@ -204,9 +229,13 @@ impl Origin {
             waits.push((s, first, last));
         }
         submit_copies(&self.copier, &self.dev, items);
-        for (s, first, last) in waits {
+        for &(s, first, last) in &waits {
             s.wait_range(first, last);
         }
+        // Their records must be durable before the origin is overwritten
+        // (an invalid snapshot no longer holds the origin back, as in the
+        // kernel: its error is ignored).
+        Snapshot::sync_ranges(&waits);
     }
 
     fn merging_snapshot(&self) -> Option<Arc<Snapshot>> {
@@ -256,9 +285,15 @@ impl Device for Origin {
         check_request(offset, buf.len() as u64, self.size)?;
         self.write_inner(buf, offset, fua)
     }
+    /// The origin, and every snapshot with it (records included): a flush
+    /// of the origin leaves nothing acknowledged in a cache.
     fn flush(&self) -> Result<(), DevError> {
         self.dev.flush()?;
         for s in self.snapshots() {
+            match s.sync_all() {
+                Ok(()) | Err(DevError::Invalid) => {}
+                Err(e) => return Err(e),
+            }
             s.cow.flush()?;
         }
         Ok(())

@@ -6,10 +6,10 @@ use crate::device::{check_request, DevError, Device};
 use crate::exception::ExceptionTable;
 use crate::format::DiskException;
 use crate::io::{DevRef, WriteFlags};
-use crate::store::{Completed, ExceptionStore, StoreError, StoreType, Usage};
+use crate::store::{ExceptionStore, StoreError, StoreType, Usage};
 use crate::units::{Chunk, ChunkSize};
 use parking_lot::{Condvar, Mutex, MutexGuard};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 /// What `dmsetup status` would say about a snapshot.
@@ -47,6 +47,9 @@ pub(crate) struct CommitState {
     /// Sequence number of the next allocation (kernel `exception_start_sequence`).
     next_seq: u64,
     ordered: OrderedCompletions<(DiskException, bool)>,
+    /// A [`SyncJob`](crate::store::SyncJob) is running outside the lock
+    /// (one at a time; others wait on `Snapshot::commit_cond`).
+    syncing: bool,
 }
 
 pub(crate) struct Inner {
@@ -62,8 +65,12 @@ pub(crate) struct Inner {
     /// (one batch), sorted by `first`, disjoint.
     pub(crate) merging_runs: Vec<(u64, u64)>,
     pub(crate) table: ExceptionTable,
-    /// Origin chunks with a pending exception (copy or commit in flight).
+    /// Origin chunks with a pending exception (copy or record in flight).
     pub(crate) pending: HashSet<u64>,
+    /// Exceptions in `table` whose record is not durable yet: origin chunk
+    /// → record sequence number, and the same in record order for pruning.
+    unsynced: HashMap<u64, u64>,
+    unsynced_order: VecDeque<(u64, u64)>,
     /// Snapshot reads in flight that were sent to the origin, per chunk.
     reads: HashMap<u64, u32>,
     /// Writes to the COW in flight through the merging origin, per chunk.
@@ -83,6 +90,11 @@ pub struct Snapshot {
     pub(crate) cow: DevRef,
     pub(crate) copier: Arc<Copier>,
     pub(crate) commit: Mutex<CommitState>,
+    /// Signalled when a sync job ends.
+    commit_cond: Condvar,
+    /// Acknowledge a write that created an exception only once its record
+    /// is durable (the kernel's behaviour), not at the next FLUSH/FUA.
+    durable_writes: bool,
     pub(crate) inner: Mutex<Inner>,
     pub(crate) cond: Condvar,
 }
@@ -159,6 +171,7 @@ impl Snapshot {
         origin_dev: DevRef,
         cow: DevRef,
         copier: Arc<Copier>,
+        durable_writes: bool,
     ) -> Arc<Snapshot> {
         let chunk_size = store.chunk_size();
         let valid = store.is_valid();
@@ -175,7 +188,10 @@ impl Snapshot {
                 store,
                 next_seq: 0,
                 ordered: OrderedCompletions::new(),
+                syncing: false,
             }),
+            commit_cond: Condvar::new(),
+            durable_writes,
             inner: Mutex::new(Inner {
                 valid,
                 overflow: false,
@@ -185,6 +201,8 @@ impl Snapshot {
                 merging_runs: Vec::new(),
                 table,
                 pending: HashSet::new(),
+                unsynced: HashMap::new(),
+                unsynced_order: VecDeque::new(),
                 reads: HashMap::new(),
                 merge_writes: HashMap::new(),
                 active_io: 0,
@@ -258,11 +276,6 @@ impl Snapshot {
         i.valid = false;
         drop(i);
         self.cond.notify_all();
-    }
-
-    pub(crate) fn invalidate(&self) {
-        let mut c = self.commit.lock();
-        self.invalidate_locked(&mut c);
     }
 
     /// Allocate COW chunks for `chunks` (already marked pending). On a full
@@ -349,7 +362,8 @@ impl Snapshot {
 
     /// Wait until no chunk in `first..=last` has a pending exception or a
     /// snapshot read in flight on the origin (kernel
-    /// `__check_for_conflicting_io`): after this the origin may be written.
+    /// `__check_for_conflicting_io`); after this and
+    /// [`sync_range`](Self::sync_range) the origin may be written.
     pub(crate) fn wait_range(&self, first: u64, last: u64) {
         let mut i = self.inner.lock();
         while Self::busy(&i, first, last) {
@@ -358,42 +372,180 @@ impl Snapshot {
     }
 
     /// A copy (or the full-chunk write standing for it) finished: hand it to
-    /// the store in allocation order, then run the durable callbacks.
+    /// the store in allocation order (`record_exception`), and make the
+    /// exceptions recorded so far usable at once (kernel `pending_complete`,
+    /// which waits for the area write: here durability is tracked apart, in
+    /// `unsynced`, and waited for where it matters — see [`Self::sync_to`]).
+    /// Filled areas are written before returning, unless another thread is
+    /// writing (it picks them up).
     pub(crate) fn copy_done(&self, seq: u64, old: u64, new: u64, ok: bool) {
-        let mut completed: Vec<Completed> = Vec::new();
+        let full;
         {
             let mut c = self.commit.lock();
-            let CommitState { store, ordered, .. } = &mut *c;
-            let e = DiskException {
-                old_chunk: Chunk(old),
-                new_chunk: Chunk(new),
-            };
-            ordered.complete(seq, (e, ok), |_, (e, ok)| {
-                let me = self.arc();
-                completed.push(store.commit_exception(
-                    e,
-                    ok,
-                    Box::new(move |ok| me.exception_committed(e, ok)),
-                ));
-            });
+            let mut recorded: Vec<(DiskException, Option<u64>)> = Vec::new();
+            let mut failed = false;
+            {
+                let CommitState { store, ordered, .. } = &mut *c;
+                let e = DiskException {
+                    old_chunk: Chunk(old),
+                    new_chunk: Chunk(new),
+                };
+                ordered.complete(seq, (e, ok), |_, (e, ok)| {
+                    let r = store.record_exception(e, ok).ok();
+                    failed |= r.is_none();
+                    recorded.push((e, r));
+                });
+            }
+            if recorded.is_empty() {
+                return;
+            }
+            if failed {
+                self.invalidate_locked(&mut c);
+            }
+            let durable = c.store.durable_seq();
+            full = c.store.has_full_areas();
+            let mut i = self.inner.lock();
+            for (e, r) in recorded {
+                if let (Some(rseq), true) = (r, i.valid) {
+                    i.table.insert(e.old_chunk, e.new_chunk);
+                    if rseq > durable {
+                        i.unsynced.insert(e.old_chunk.0, rseq);
+                        i.unsynced_order.push_back((rseq, e.old_chunk.0));
+                    }
+                }
+                i.pending.remove(&e.old_chunk.0);
+            }
         }
-        for c in completed {
-            c.run();
+        self.cond.notify_all();
+        if full {
+            // An error invalidates the snapshot; the callers see it there.
+            let _ = self.sync_to(None);
         }
     }
 
-    /// `pending_complete`: the record is durable (or failed).
-    fn exception_committed(&self, e: DiskException, ok: bool) {
-        if !ok {
-            self.invalidate();
+    /// Drive the store's metadata writes, one sync job at a time, without
+    /// holding the commit lock across the I/O: until every record numbered
+    /// up to `target` is durable (`Some`), or (`None`) until the filled
+    /// areas waiting are written or another thread is writing them.
+    /// `Err(Invalid)` when a needed record can no longer become durable.
+    pub(crate) fn sync_to(&self, target: Option<u64>) -> Result<(), DevError> {
+        let mut c = self.commit.lock();
+        loop {
+            let need = target.is_some_and(|t| t > c.store.durable_seq());
+            if !need && !c.store.has_full_areas() {
+                return Ok(());
+            }
+            if c.syncing {
+                if !need {
+                    return Ok(());
+                }
+                self.commit_cond.wait(&mut c);
+                continue;
+            }
+            let Some(job) = c.store.start_sync() else {
+                // Invalid (or, for `need`, nothing to write, which an
+                // invalid store also gives).
+                return if need { Err(DevError::Invalid) } else { Ok(()) };
+            };
+            c.syncing = true;
+            drop(c);
+            let res = job.run();
+            c = self.commit.lock();
+            c.syncing = false;
+            let failed = res.is_err();
+            c.store.finish_sync(job.upto(), res);
+            if failed {
+                self.invalidate_locked(&mut c);
+            }
+            let durable = c.store.durable_seq();
+            {
+                let mut i = self.inner.lock();
+                let i = &mut *i;
+                while let Some(&(rseq, chunk)) = i.unsynced_order.front() {
+                    if rseq > durable {
+                        break;
+                    }
+                    i.unsynced_order.pop_front();
+                    if i.unsynced.get(&chunk) == Some(&rseq) {
+                        i.unsynced.remove(&chunk);
+                    }
+                }
+            }
+            self.commit_cond.notify_all();
         }
-        let mut i = self.inner.lock();
-        if ok && i.valid {
-            i.table.insert(e.old_chunk, e.new_chunk);
+    }
+
+    /// Make every record so far durable and wait for any sync job running.
+    pub(crate) fn sync_all(&self) -> Result<(), DevError> {
+        let target = self.commit.lock().store.recorded_seq();
+        self.sync_to(Some(target))?;
+        let mut c = self.commit.lock();
+        while c.syncing {
+            self.commit_cond.wait(&mut c);
         }
-        i.pending.remove(&e.old_chunk.0);
-        drop(i);
-        self.cond.notify_all();
+        Ok(())
+    }
+
+    /// `sync_range` for several snapshots' ranges, each snapshot's sync
+    /// jobs running in parallel with the others' (their COWs are separate
+    /// devices). Errors are ignored: an invalid snapshot no longer holds the
+    /// origin back.
+    pub(crate) fn sync_ranges(ranges: &[(&Arc<Snapshot>, u64, u64)]) {
+        let mut need: Vec<(&Arc<Snapshot>, u64)> = Vec::new();
+        for &(s, first, last) in ranges {
+            if let Some(seq) = s.unsynced_max(first, last) {
+                match need.iter_mut().find(|(n, _)| Arc::ptr_eq(n, s)) {
+                    Some((_, m)) => *m = (*m).max(seq),
+                    None => need.push((s, seq)),
+                }
+            }
+        }
+        match need.as_slice() {
+            [] => {}
+            [(s, seq)] => {
+                let _ = s.sync_to(Some(*seq));
+            }
+            [(first, seq), rest @ ..] => std::thread::scope(|scope| {
+                for &(s, seq) in rest {
+                    scope.spawn(move || {
+                        let _ = s.sync_to(Some(seq));
+                    });
+                }
+                let _ = first.sync_to(Some(*seq));
+            }),
+        }
+    }
+
+    /// The highest record number among chunks `first..=last` whose record
+    /// is not durable yet.
+    fn unsynced_max(&self, first: u64, last: u64) -> Option<u64> {
+        let i = self.inner.lock();
+        if i.unsynced.is_empty() {
+            return None;
+        }
+        if last - first + 1 > i.unsynced.len() as u64 {
+            i.unsynced
+                .iter()
+                .filter(|(c, _)| **c >= first && **c <= last)
+                .map(|(_, s)| *s)
+                .max()
+        } else {
+            (first..=last)
+                .filter_map(|c| i.unsynced.get(&c).copied())
+                .max()
+        }
+    }
+
+    /// Make the records of chunks `first..=last` durable (before the origin
+    /// overwrites them, or for a FUA / durable write). An invalid snapshot
+    /// answers `Err(Invalid)`. Callers waiting for several ranges wait for
+    /// all of them first, then sync: the first sync covers every record made
+    /// meanwhile (the kernel's group commit: one area write for all).
+    pub(crate) fn sync_range(&self, first: u64, last: u64) -> Result<(), DevError> {
+        match self.unsynced_max(first, last) {
+            Some(seq) => self.sync_to(Some(seq)),
+            None => Ok(()),
+        }
     }
 
     /// Wait until nothing is pending (removal, merge start).
@@ -596,6 +748,14 @@ impl Snapshot {
         if fua && !direct_done.is_empty() && !self.store_type.is_persistent() {
             self.cow.flush()?;
         }
+        // A record not yet durable: a FUA write (or, with `durable_writes`,
+        // any write) waits for its sync job, whose flush also makes the
+        // data durable that went to the new chunks without FUA.
+        if fua || self.durable_writes {
+            if let (Some(&(first, ..)), Some(&(last, ..))) = (ps.first(), ps.last()) {
+                self.sync_range(first, last)?;
+            }
+        }
         Ok(())
     }
 }
@@ -615,6 +775,7 @@ impl Device for Snapshot {
     }
     fn flush(&self) -> Result<(), DevError> {
         Self::check_io_state(&self.inner.lock())?;
+        self.sync_all()?;
         self.cow.flush()?;
         self.origin_dev.flush()?;
         Ok(())

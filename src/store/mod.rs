@@ -7,6 +7,17 @@
 //! `prepare_exception` is later matched by exactly one `commit_exception`
 //! (with `valid = false` if the copy failed), and commits arrive **in
 //! allocation order**.
+//!
+//! `commit_exception` is the kernel's call: it records the exception and,
+//! when the group commit says so, writes the area there and then. The engine
+//! uses its two halves instead, so that no lock is held across the area
+//! I/O: [`record_exception`](ExceptionStore::record_exception) appends the
+//! record in memory and returns its sequence number, and
+//! [`start_sync`](ExceptionStore::start_sync) captures a [`SyncJob`] (the
+//! area writes that make every record so far durable) that the caller runs
+//! outside its lock, one job at a time, and reports back with
+//! [`finish_sync`](ExceptionStore::finish_sync). A record is durable once
+//! [`durable_seq`](ExceptionStore::durable_seq) has reached its number.
 
 pub mod persistent;
 pub mod transient;
@@ -15,6 +26,7 @@ pub use persistent::PersistentStore;
 pub use transient::TransientStore;
 
 use crate::format::{DiskException, HeaderError};
+use crate::io::{DevRef, WriteFlags};
 use crate::units::{Chunk, ChunkSize, ChunkSizeError, Sector};
 use std::io;
 
@@ -217,9 +229,98 @@ pub trait ExceptionStore: Send {
         self.commit_merge(nr_merged)
     }
 
+    /// The first half of `commit_exception`: append `e`'s record to the
+    /// working metadata (its data copy has completed; `valid = false` when
+    /// it failed, which invalidates the store). Writes nothing; returns the
+    /// record's sequence number (1, 2, ... since the store was opened).
+    /// `Err(StoreError::Invalid)` when the store is or becomes invalid.
+    fn record_exception(&mut self, e: DiskException, valid: bool) -> Result<u64, StoreError>;
+
+    /// Every record numbered up to this is durable.
+    fn durable_seq(&self) -> u64;
+
+    /// The number of the last record `record_exception` appended.
+    fn recorded_seq(&self) -> u64;
+
+    /// True when filled metadata areas wait for a [`SyncJob`] (the kernel
+    /// writes a full area at once; so should the caller, soon).
+    fn has_full_areas(&self) -> bool;
+
+    /// Capture the area writes that make every record so far durable, to
+    /// run outside the caller's lock. At most one job may be running at a
+    /// time, and each must be reported with `finish_sync` before the next
+    /// is started. `None` when there is nothing to write (or the store is
+    /// invalid).
+    fn start_sync(&mut self) -> Option<SyncJob>;
+
+    /// Report a job's outcome: on success its records are durable; an
+    /// error invalidates the store (the first error is kept).
+    fn finish_sync(&mut self, upto: u64, result: Result<(), StoreError>);
+
     /// `drop_snapshot`: invalidate the store (header `valid = 0`).
     fn drop_snapshot(&mut self) -> Result<(), StoreError>;
 
     /// `usage`: the figures of `dmsetup status`.
     fn usage(&self) -> Usage;
+}
+
+/// One metadata area image a [`SyncJob`] writes.
+pub(crate) struct AreaWrite {
+    /// Area index and byte offset on the COW.
+    pub(crate) area: u64,
+    pub(crate) offset: u64,
+    pub(crate) bytes: Vec<u8>,
+    /// For a full area: its successor `(area, offset)`, zeroed first so
+    /// that it terminates the metadata once this area is durable.
+    pub(crate) zero_next: Option<(u64, u64)>,
+}
+
+/// The metadata writes that make a store's records up to
+/// [`upto`](SyncJob::upto) durable, captured by
+/// [`ExceptionStore::start_sync`] and run without the store's lock.
+pub struct SyncJob {
+    pub(crate) cow: DevRef,
+    pub(crate) areas: Vec<AreaWrite>,
+    pub(crate) upto: u64,
+}
+
+impl SyncJob {
+    /// The last record this job makes durable.
+    pub fn upto(&self) -> u64 {
+        self.upto
+    }
+
+    /// Per area, the kernel's sequence (`persistent_commit_exception`):
+    /// zero the successor of a full area, flush the COW (the data the
+    /// records point at and that zero become durable), then write the
+    /// area with FUA.
+    pub fn run(&self) -> Result<(), StoreError> {
+        for a in &self.areas {
+            if let Some((area, offset)) = a.zero_next {
+                self.cow
+                    .write_zeroes(offset, a.bytes.len() as u64, WriteFlags::NONE)
+                    .map_err(|source| StoreError::ZeroArea { area, source })?;
+            }
+            self.cow.flush().map_err(StoreError::Flush)?;
+            self.cow
+                .write_at(&a.bytes, a.offset, WriteFlags::FUA)
+                .map_err(|source| StoreError::WriteArea {
+                    area: a.area,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for SyncJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncJob")
+            .field(
+                "areas",
+                &self.areas.iter().map(|a| a.area).collect::<Vec<_>>(),
+            )
+            .field("upto", &self.upto)
+            .finish()
+    }
 }

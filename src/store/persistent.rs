@@ -7,7 +7,11 @@
 //! - `current_area` / `current_committed`: the metadata area records are
 //!   appended to and how many it holds; `area` is its in-memory copy;
 //! - `pending_count`: exceptions prepared but not yet committed;
-//! - `callbacks`: commits gathered for the next area write.
+//! - `callbacks`: commits gathered for the next area write;
+//! - `recorded` / `durable`: sequence numbers of the last record appended
+//!   and of the last one on disk; `full_areas`: filled areas captured for
+//!   the next [`SyncJob`] (the split commit the engine uses, see
+//!   [`crate::store`]).
 //!
 //! Durability (group commit, `persistent_commit_exception`): an area is
 //! written only when no prepared exception is pending or the area just
@@ -27,7 +31,9 @@
 
 mod prefetch;
 
-use super::{CommitCallback, Completed, ExceptionStore, StoreError, StoreType, Usage};
+use super::{
+    AreaWrite, CommitCallback, Completed, ExceptionStore, StoreError, StoreType, SyncJob, Usage,
+};
 use crate::format::{
     area_location, exceptions_per_area, is_metadata_chunk, skip_metadata, DiskException,
     DiskHeader, HeaderError, HeaderState, RawDiskException, DISK_EXCEPTION_BYTES,
@@ -58,6 +64,14 @@ pub struct PersistentStore {
     /// device cannot hold one (such a store never gets to commit).
     area: Vec<u8>,
     callbacks: Vec<CommitCallback>,
+    /// Sequence number of the last record appended, and of the last one
+    /// a finished sync made durable.
+    recorded: u64,
+    durable: u64,
+    /// The working area holds records no sync has captured yet.
+    area_dirty: bool,
+    /// Filled areas, captured in order, waiting for the next sync job.
+    full_areas: Vec<AreaWrite>,
     /// The first error that made the store invalid during a commit (commits
     /// report only `false` to their callbacks).
     error: Option<StoreError>,
@@ -248,6 +262,10 @@ impl PersistentStore {
             pending_count: 0,
             area,
             callbacks: Vec::new(),
+            recorded: 0,
+            durable: 0,
+            area_dirty: false,
+            full_areas: Vec::new(),
             error: None,
             merge_batch: None,
         }
@@ -346,6 +364,25 @@ impl PersistentStore {
                 WriteFlags::NONE,
             )
             .map_err(|source| StoreError::ZeroArea { area, source })
+    }
+
+    /// Run the sync job for everything recorded, here and now (the kernel's
+    /// inline commit; merges call it so they start from durable records).
+    fn sync_now(&mut self) -> Result<(), StoreError> {
+        if let Some(job) = self.start_sync() {
+            let res = job.run();
+            let failed = res.is_err();
+            self.finish_sync(job.upto, res);
+            if failed {
+                // The cause is logged and kept for `take_error`.
+                return Err(StoreError::Invalid);
+            }
+        }
+        if self.valid {
+            Ok(())
+        } else {
+            Err(StoreError::Invalid)
+        }
     }
 
     /// `area_io(REQ_PREFLUSH | REQ_FUA)`: flush, then write the working area
@@ -551,50 +588,102 @@ impl ExceptionStore for PersistentStore {
         Ok(new_chunk)
     }
 
-    /// `persistent_commit_exception`: group commit (module docs).
+    /// `persistent_commit_exception`: group commit (module docs), the
+    /// area written inline.
     fn commit_exception(
         &mut self,
         e: DiskException,
         valid: bool,
         callback: CommitCallback,
     ) -> Completed {
-        if !valid {
-            self.valid = false;
-        }
-        self.write_exception(self.current_committed, e.into());
-        self.current_committed += 1;
+        let _ = self.record_exception(e, valid);
         self.callbacks.push(callback);
-        debug_assert!(self.pending_count > 0, "commit without prepare");
-        self.pending_count = self.pending_count.saturating_sub(1);
-
-        let full = self.current_committed >= self.exceptions_per_area();
-        if self.pending_count != 0 && !full {
+        if self.pending_count != 0 && self.full_areas.is_empty() {
             return Completed::default();
         }
-        if full && self.valid {
-            if let Err(e) = self.zero_disk_area(self.current_area + 1) {
-                self.fail(e);
-            }
-        }
         if self.valid {
-            if let Err(e) = self.write_area_durably() {
-                self.fail(e);
-            }
-        }
-        if full {
-            self.current_committed = 0;
-            self.current_area += 1;
-            self.area.fill(0);
+            let _ = self.sync_now();
         }
         let ok = self.valid;
         Completed(self.callbacks.drain(..).map(|cb| (cb, ok)).collect())
     }
 
-    /// `persistent_prepare_merge`.
-    fn prepare_merge(&mut self) -> Result<Option<(Chunk, Chunk, u64)>, StoreError> {
+    fn record_exception(&mut self, e: DiskException, valid: bool) -> Result<u64, StoreError> {
+        debug_assert!(self.pending_count > 0, "commit without prepare");
+        self.pending_count = self.pending_count.saturating_sub(1);
+        if !valid {
+            self.valid = false;
+        }
         if !self.valid {
             return Err(StoreError::Invalid);
         }
+        self.write_exception(self.current_committed, e.into());
+        self.current_committed += 1;
+        self.recorded += 1;
+        self.area_dirty = true;
+        if self.current_committed >= self.exceptions_per_area() {
+            let next = self.current_area + 1;
+            self.full_areas.push(AreaWrite {
+                area: self.current_area,
+                offset: self.area_offset(self.current_area),
+                bytes: self.area.clone(),
+                zero_next: Some((next, self.area_offset(next))),
+            });
+            self.current_committed = 0;
+            self.current_area = next;
+            self.area.fill(0);
+            self.area_dirty = false;
+        }
+        Ok(self.recorded)
+    }
+
+    fn durable_seq(&self) -> u64 {
+        self.durable
+    }
+
+    fn recorded_seq(&self) -> u64 {
+        self.recorded
+    }
+
+    fn has_full_areas(&self) -> bool {
+        !self.full_areas.is_empty()
+    }
+
+    fn start_sync(&mut self) -> Option<SyncJob> {
+        if !self.valid {
+            self.full_areas.clear();
+            return None;
+        }
+        let mut areas = std::mem::take(&mut self.full_areas);
+        if self.area_dirty {
+            areas.push(AreaWrite {
+                area: self.current_area,
+                offset: self.area_offset(self.current_area),
+                bytes: self.area.clone(),
+                zero_next: None,
+            });
+            self.area_dirty = false;
+        }
+        if areas.is_empty() {
+            return None;
+        }
+        Some(SyncJob {
+            cow: self.cow.clone(),
+            areas,
+            upto: self.recorded,
+        })
+    }
+
+    fn finish_sync(&mut self, upto: u64, result: Result<(), StoreError>) {
+        match result {
+            Ok(()) => self.durable = self.durable.max(upto),
+            Err(e) => self.fail(e),
+        }
+    }
+
+    /// `persistent_prepare_merge`.
+    fn prepare_merge(&mut self) -> Result<Option<(Chunk, Chunk, u64)>, StoreError> {
+        self.sync_now()?;
         if self.current_committed == 0 {
             if self.current_area == 0 {
                 return Ok(None);
@@ -657,9 +746,7 @@ impl ExceptionStore for PersistentStore {
         max_chunks: u64,
     ) -> Result<Vec<(Chunk, Chunk, u64)>, StoreError> {
         self.merge_batch = None;
-        if !self.valid {
-            return Err(StoreError::Invalid);
-        }
+        self.sync_now()?;
         let start = (self.current_area, self.current_committed);
         let mut runs = Vec::new();
         let mut areas: Vec<MergeArea> = Vec::new();
@@ -1065,6 +1152,79 @@ mod tests {
         fn clone_err(mut self) -> StoreError {
             self.prepare_exception().unwrap_err()
         }
+    }
+
+    #[test]
+    fn split_commit_jobs_run_outside_and_make_records_durable_in_order() {
+        let mem = Arc::new(MemDev::new(4 << 20));
+        let cow: DevRef = mem.clone();
+        let mut s = PersistentStore::open(cow.clone(), None, false).unwrap();
+        let per_area = s.exceptions_per_area();
+        let mut recs = Vec::new();
+        let mut record = |s: &mut PersistentStore, old: u64| {
+            let new = s.prepare_exception().unwrap();
+            recs.push((old, new.0));
+            s.record_exception(de(old, new.0), true).unwrap()
+        };
+        // Nothing is written by recording; a job captures the partial area.
+        for old in 0..10 {
+            assert_eq!(record(&mut s, old), old + 1);
+        }
+        assert!(!s.has_full_areas());
+        assert_eq!((s.recorded_seq(), s.durable_seq()), (10, 0));
+        let job = s.start_sync().unwrap();
+        assert_eq!(job.upto(), 10);
+        assert!(s.start_sync().is_none(), "everything is captured");
+        // Records keep coming while the job runs "outside the lock", and
+        // fill area 0: the next job carries it (with its successor zeroed)
+        // and the partial area 1.
+        for old in 10..per_area + 5 {
+            record(&mut s, old);
+        }
+        assert!(s.has_full_areas());
+        job.run().unwrap();
+        s.finish_sync(job.upto(), Ok(()));
+        assert_eq!(s.durable_seq(), 10);
+        let job = s.start_sync().unwrap();
+        assert_eq!(
+            job.areas
+                .iter()
+                .map(|a| (a.area, a.zero_next.map(|z| z.0)))
+                .collect::<Vec<_>>(),
+            [(0, Some(1)), (1, None)]
+        );
+        job.run().unwrap();
+        s.finish_sync(job.upto(), Ok(()));
+        assert_eq!(s.durable_seq(), per_area + 5);
+        assert!(s.start_sync().is_none());
+        // What is on disk is every record, in order.
+        let mut s2 =
+            PersistentStore::open(Arc::new(MemDev::from_vec(mem.snapshot())), None, false).unwrap();
+        let mut got = Vec::new();
+        s2.read_metadata(&mut |e| got.push((e.old_chunk.0, e.new_chunk.0)))
+            .unwrap();
+        assert_eq!(got, recs);
+    }
+
+    #[test]
+    fn a_failed_sync_job_invalidates_the_store() {
+        let fd = Arc::new(FaultyDev::new(MemDev::new(1 << 20)));
+        let mut s = PersistentStore::open(fd.clone(), None, false).unwrap();
+        let a = s.prepare_exception().unwrap();
+        s.record_exception(de(1, a.0), true).unwrap();
+        let job = s.start_sync().unwrap();
+        fd.add(Fault::Always {
+            kind: OpKind::Write,
+        });
+        let res = job.run();
+        assert!(matches!(res, Err(StoreError::WriteArea { area: 0, .. })));
+        s.finish_sync(job.upto(), res);
+        assert!(!s.is_valid());
+        assert_eq!(s.durable_seq(), 0);
+        assert!(s.start_sync().is_none());
+        let b = s.prepare_exception();
+        assert!(matches!(b, Err(StoreError::Invalid)));
+        assert!(matches!(s.take_error(), Some(StoreError::WriteArea { .. })));
     }
 
     #[test]

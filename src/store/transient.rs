@@ -1,7 +1,7 @@
 //! The transient store (`N`, `dm-snap-transient.c`): chunks handed out from
 //! sector 0, nothing written but data, nothing read back at activation.
 
-use super::{CommitCallback, Completed, ExceptionStore, StoreError, Usage};
+use super::{CommitCallback, Completed, ExceptionStore, StoreError, SyncJob, Usage};
 use crate::format::DiskException;
 use crate::units::{Chunk, ChunkSize, Sector};
 
@@ -12,6 +12,8 @@ pub struct TransientStore {
     /// Next free sector (kernel `tc->next_free`).
     next_free: Sector,
     valid: bool,
+    /// Records so far (all "durable": there is nothing to write).
+    recorded: u64,
 }
 
 impl TransientStore {
@@ -21,6 +23,7 @@ impl TransientStore {
             cow_sectors: Sector::from_bytes(cow_bytes),
             next_free: Sector(0),
             valid: true,
+            recorded: 0,
         }
     }
 }
@@ -56,6 +59,30 @@ impl ExceptionStore for TransientStore {
     ) -> Completed {
         Completed(vec![(callback, valid)])
     }
+    /// Nothing to write: a record is as durable as it will ever be.
+    fn record_exception(&mut self, _e: DiskException, valid: bool) -> Result<u64, StoreError> {
+        if !valid {
+            self.valid = false;
+        }
+        if !self.valid {
+            return Err(StoreError::Invalid);
+        }
+        self.recorded += 1;
+        Ok(self.recorded)
+    }
+    fn durable_seq(&self) -> u64 {
+        self.recorded
+    }
+    fn recorded_seq(&self) -> u64 {
+        self.recorded
+    }
+    fn has_full_areas(&self) -> bool {
+        false
+    }
+    fn start_sync(&mut self) -> Option<SyncJob> {
+        None
+    }
+    fn finish_sync(&mut self, _upto: u64, _result: Result<(), StoreError>) {}
     fn prepare_merge(&mut self) -> Result<Option<(Chunk, Chunk, u64)>, StoreError> {
         Err(StoreError::MergeUnsupported)
     }
