@@ -415,16 +415,23 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     }
     let mut control = ControlServer::start(active.clone(), &a.pool.join(pool::CONTROL_SOCKET))
         .context("cannot open the control socket")?;
+    // Every 200 ms: a merge's progress and end. Every second: the records
+    // of snapshot first writes acknowledged without a FLUSH become durable.
     let stop_monitor = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let monitor = {
         let active = active.clone();
         let stop = stop_monitor.clone();
         std::thread::Builder::new()
-            .name("merge-monitor".into())
+            .name("monitor".into())
             .spawn(move || {
+                let mut tick = 0u64;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     if let Err(e) = active.poll_merge() {
                         tracing::error!("merge: {}", pool::error_chain(&e));
+                    }
+                    tick += 1;
+                    if tick % 5 == 0 {
+                        active.commit_records();
                     }
                     std::thread::sleep(Duration::from_millis(200));
                 }

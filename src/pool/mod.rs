@@ -834,6 +834,11 @@ impl ActivePool {
         }
     }
 
+    /// Make every snapshot's records durable ([`Origin::commit_records`]).
+    pub fn commit_records(&self) {
+        self.origin.commit_records();
+    }
+
     /// Clean shutdown: stop a merge (it resumes next time), flush everything,
     /// forget transient snapshots (they cannot outlive this process).
     pub fn shutdown(&self) -> Result<(), PoolError> {

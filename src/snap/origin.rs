@@ -210,6 +210,16 @@ impl Origin {
         Ok(())
     }
 
+    /// Make every snapshot's records durable, without flushing the origin.
+    /// The daemon calls it every second: it bounds what a crash (of the
+    /// machine, or of the process: the records live in its memory) can take
+    /// of the first writes to snapshots acknowledged without a FLUSH.
+    pub fn commit_records(&self) {
+        for s in self.snapshots() {
+            let _ = s.sync_all();
+        }
+    }
+
     /// The COW trigger (`__origin_write` for every snapshot): start the
     /// copies origin bytes `[offset, offset+len)` need, read once for all
     /// snapshots, and wait until every copy and record is durable and no
