@@ -265,6 +265,20 @@ impl CrashDev {
         }
         img
     }
+    /// The durable image plus the unflushed writes whose index (0 = the
+    /// oldest) `keep` selects, applied in order: a disk that persists its
+    /// cache in any order.
+    pub fn crash_keeping_where(&self, keep: impl Fn(usize) -> bool) -> Vec<u8> {
+        let st = self.st.lock();
+        let mut img = st.durable.clone();
+        for (i, (off, data, fua)) in st.unflushed.iter().enumerate() {
+            if *fua || keep(i) {
+                let o = *off as usize;
+                img[o..o + data.len()].copy_from_slice(data);
+            }
+        }
+        img
+    }
     /// Number of writes not yet covered by a flush.
     pub fn unflushed_writes(&self) -> usize {
         self.st.lock().unflushed.len()

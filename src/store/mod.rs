@@ -290,10 +290,19 @@ impl SyncJob {
         self.upto
     }
 
-    /// Per area, the kernel's sequence (`persistent_commit_exception`):
+    /// One area: the kernel's sequence (`persistent_commit_exception`):
     /// zero the successor of a full area, flush the COW (the data the
     /// records point at and that zero become durable), then write the
     /// area with FUA.
+    ///
+    /// Several areas (they filled while the previous job ran): zero every
+    /// full area's successor, flush once, write the areas, flush once.
+    /// The job's records count as durable only after the last flush, so
+    /// the order among its area writes does not matter: a crash may keep
+    /// any subset of them, and since each successor was durably zeroed
+    /// first, the loader stops at the first area not rewritten (its older
+    /// image: a prefix of its records) or reads on through areas that are
+    /// complete. Two syncs per job, however many areas.
     pub fn run(&self) -> Result<(), StoreError> {
         for a in &self.areas {
             if let Some((area, offset)) = a.zero_next {
@@ -301,13 +310,24 @@ impl SyncJob {
                     .write_zeroes(offset, a.bytes.len() as u64, WriteFlags::NONE)
                     .map_err(|source| StoreError::ZeroArea { area, source })?;
             }
-            self.cow.flush().map_err(StoreError::Flush)?;
+        }
+        self.cow.flush().map_err(StoreError::Flush)?;
+        let single = self.areas.len() == 1;
+        for a in &self.areas {
+            let flags = if single {
+                WriteFlags::FUA
+            } else {
+                WriteFlags::NONE
+            };
             self.cow
-                .write_at(&a.bytes, a.offset, WriteFlags::FUA)
+                .write_at(&a.bytes, a.offset, flags)
                 .map_err(|source| StoreError::WriteArea {
                     area: a.area,
                     source,
                 })?;
+        }
+        if !single {
+            self.cow.flush().map_err(StoreError::Flush)?;
         }
         Ok(())
     }

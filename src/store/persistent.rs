@@ -1207,6 +1207,78 @@ mod tests {
     }
 
     #[test]
+    fn a_multi_area_sync_job_cut_anywhere_leaves_a_prefix_of_the_records() {
+        use crate::io::testing::CrashDev;
+        // 100 records durable, then 2 areas and 10 records more in one job
+        // (areas 0 and 1 full, area 2 partial).
+        let setup = || {
+            let dev = Arc::new(CrashDev::new(4 << 20));
+            let mut s = PersistentStore::open(dev.clone(), None, false).unwrap();
+            let per_area = s.exceptions_per_area();
+            // Areas 1..=3 hold stale full areas of plausible records (an
+            // earlier life of the device): only zeroing keeps them out.
+            let stale: Vec<u8> = (0..per_area)
+                .flat_map(|j| {
+                    let r: RawDiskException = de(50_000 + j, 2 + j).into();
+                    r.as_bytes().to_vec()
+                })
+                .collect();
+            for area in 1..=3 {
+                dev.write_at(&stale, s.area_offset(area), WriteFlags::NONE)
+                    .unwrap();
+            }
+            dev.flush().unwrap();
+            let mut recs = Vec::new();
+            for old in 0..100 + 2 * per_area + 10 {
+                let new = s.prepare_exception().unwrap();
+                recs.push((old, new.0));
+                s.record_exception(de(old, new.0), true).unwrap();
+                if old == 99 {
+                    let job = s.start_sync().unwrap();
+                    job.run().unwrap();
+                    s.finish_sync(job.upto(), Ok(()));
+                }
+            }
+            let job = s.start_sync().unwrap();
+            assert_eq!(job.areas.len(), 3);
+            (dev, job, recs)
+        };
+        let loaded = |img: Vec<u8>| {
+            let mut s =
+                PersistentStore::open(Arc::new(MemDev::from_vec(img)), None, false).unwrap();
+            let mut got = Vec::new();
+            s.read_metadata(&mut |e| got.push((e.old_chunk.0, e.new_chunk.0)))
+                .unwrap();
+            got
+        };
+        let (dev, job, recs) = setup();
+        let base = dev.ops();
+        job.run().unwrap();
+        let total = dev.ops() - base;
+        assert_eq!(
+            loaded(dev.crash()),
+            recs,
+            "a finished job made everything durable"
+        );
+        for cut in 0..total {
+            let (dev, job, recs) = setup();
+            dev.crash_after(dev.ops() + cut);
+            assert!(job.run().is_err());
+            let n = dev.unflushed_writes();
+            assert!(n <= 8, "{n} unflushed writes");
+            // Any subset of the unflushed writes may have reached the disk.
+            for mask in 0..1u32 << n {
+                let got = loaded(dev.crash_keeping_where(|i| mask & (1 << i) != 0));
+                assert!(
+                    got.len() >= 100 && recs.starts_with(&got),
+                    "cut {cut}, kept {mask:#b}: {} records, not a prefix of at least the durable 100",
+                    got.len()
+                );
+            }
+        }
+    }
+
+    #[test]
     fn a_failed_sync_job_invalidates_the_store() {
         let fd = Arc::new(FaultyDev::new(MemDev::new(1 << 20)));
         let mut s = PersistentStore::open(fd.clone(), None, false).unwrap();
