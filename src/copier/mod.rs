@@ -110,9 +110,13 @@ fn run_sub_job(
     buf: &mut Vec<u8>,
 ) -> CopyResult {
     let mut res = CopyResult::new(dests.len());
-    buf.clear();
-    buf.resize(len as usize, 0);
     if let Some(src) = src {
+        // The worker's buffer is reused: zeroed only when it grows, since
+        // the read fills all of it (or the job fails).
+        if buf.len() < len as usize {
+            buf.resize(len as usize, 0);
+        }
+        let buf = &mut buf[..len as usize];
         if let Err(e) = src.dev.read_at(buf, src.offset + off) {
             res.read_err = Some(e);
             return res;
