@@ -10,14 +10,13 @@
 
 mod common;
 
-use common::fill;
+use common::{fill, CountFlushes};
 use dmsnap::device::Device;
 use dmsnap::io::testing::{CrashDev, CrashGroup};
-use dmsnap::io::{BlockDev, DevRef, MemDev, WriteFlags};
+use dmsnap::io::{DevRef, MemDev};
 use dmsnap::snap::{Origin, Snapshot};
 use dmsnap::store::StoreType;
 use dmsnap::units::ChunkSize;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 const ORIGIN: usize = 256 * 1024;
@@ -148,52 +147,24 @@ fn origin_write_over_a_deferred_record_makes_it_durable_first() {
     }
 }
 
-/// Counts the flushes of the device it wraps.
-struct CountFlushes {
-    dev: MemDev,
-    flushes: AtomicU64,
-}
-
-impl BlockDev for CountFlushes {
-    fn len(&self) -> u64 {
-        self.dev.len()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.dev.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64, flags: WriteFlags) -> std::io::Result<()> {
-        self.dev.write_at(buf, offset, flags)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.flushes.fetch_add(1, Ordering::Relaxed);
-        self.dev.flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.dev.discard(offset, len)
-    }
-}
-
 /// COW flushes during `writes` scattered 4 KiB first writes to a snapshot,
 /// and after a final FLUSH.
 fn flushes_for_first_writes(durable: bool, writes: usize) -> (u64, u64) {
-    let cow = Arc::new(CountFlushes {
-        dev: MemDev::new(COW as u64),
-        flushes: AtomicU64::new(0),
-    });
+    let cow = CountFlushes::new(Arc::new(MemDev::new(COW as u64)));
     let o = Origin::new(Arc::new(MemDev::from_vec(fill(1, ORIGIN))));
     o.set_durable_snapshot_writes(durable);
     let s = o
         .add_snapshot("s", cow.clone() as DevRef, StoreType::Persistent, None)
         .unwrap();
-    let base = cow.flushes.load(Ordering::Relaxed);
+    let base = cow.flushes();
     for i in 0..writes {
         let c = (i * 37) % (ORIGIN / CHUNK);
         s.write_at(&fill(i as u64, CHUNK), (c * CHUNK) as u64, false)
             .unwrap();
     }
-    let during = cow.flushes.load(Ordering::Relaxed) - base;
+    let during = cow.flushes() - base;
     s.flush().unwrap();
-    (during, cow.flushes.load(Ordering::Relaxed) - base - during)
+    (during, cow.flushes() - base - during)
 }
 
 #[test]

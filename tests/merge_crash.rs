@@ -10,14 +10,13 @@
 
 mod common;
 
-use common::{fill, read_all};
+use common::{fill, read_all, CountFlushes};
 use dmsnap::device::Device;
 use dmsnap::io::testing::{CrashDev, CrashGroup};
-use dmsnap::io::{BlockDev, DevRef, MemDev, WriteFlags};
+use dmsnap::io::{BlockDev, DevRef, MemDev};
 use dmsnap::snap::Origin;
 use dmsnap::store::StoreType;
 use dmsnap::units::ChunkSize;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 const ORIGIN: u64 = 1536 * 1024;
@@ -105,35 +104,6 @@ fn build() -> Images {
     }
 }
 
-/// Counts the flushes of the device it wraps (the merge's origin flushes:
-/// one per batch).
-struct CountFlushes<D> {
-    dev: Arc<D>,
-    flushes: AtomicU64,
-}
-
-impl<D: BlockDev> BlockDev for CountFlushes<D> {
-    fn len(&self) -> u64 {
-        self.dev.len()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.dev.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64, flags: WriteFlags) -> std::io::Result<()> {
-        self.dev.write_at(buf, offset, flags)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.flushes.fetch_add(1, Ordering::Relaxed);
-        self.dev.flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.dev.discard(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> std::io::Result<()> {
-        self.dev.write_zeroes(offset, len, flags)
-    }
-}
-
 #[test]
 fn merge_in_one_batch_across_areas_resumes_after_a_crash_at_every_write_and_flush() {
     let batches = crash_at_every_op(None);
@@ -159,10 +129,8 @@ fn crash_at_every_op(batch: Option<u64>) -> u64 {
         let od = g.device(img.origin.clone());
         let ca = g.device(img.cow_a.clone());
         let cb = g.device(img.cow_b.clone());
-        let counted = Arc::new(CountFlushes {
-            dev: od.clone(),
-            flushes: AtomicU64::new(0),
-        });
+        // Its flushes are the merge's origin flushes: one per batch.
+        let counted = CountFlushes::new(od.clone());
         let o = Origin::new(counted.clone() as DevRef);
         o.set_merge_batch_chunks(batch);
         o.add_snapshot("a", ca.clone() as DevRef, StoreType::Persistent, None)
@@ -182,7 +150,7 @@ fn crash_at_every_op(batch: Option<u64>) -> u64 {
                 assert!(read_all(&*o) == img.content_a);
                 assert!(read_all(&*b) == img.content_b);
                 total = Some(g.ops() - base);
-                batches = counted.flushes.load(Ordering::Relaxed);
+                batches = counted.flushes();
                 println!(
                     "batch limit {batch:?}: merge write/flush ops: {}, batches: {batches}",
                     g.ops() - base

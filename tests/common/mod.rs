@@ -8,7 +8,8 @@
 //! - [`apply_exceptions`]: rebuild a snapshot from an origin image and a COW;
 //! - [`sha256_hex`], [`dmsnap_bin`];
 //! - engine tests: [`fill`] (seeded bytes), [`stamp`] (a chunk marked with its
-//!   number), [`read_all`] (a whole `Device`).
+//!   number), [`read_all`] (a whole `Device`), [`CountFlushes`] (a device
+//!   wrapper counting flushes).
 //!
 //! Not every test file uses every helper.
 #![allow(dead_code)]
@@ -221,4 +222,56 @@ pub fn read_all(d: &dyn dmsnap::device::Device) -> Vec<u8> {
     let mut b = vec![0; d.size() as usize];
     d.read_at(&mut b, 0).expect("read the whole device");
     b
+}
+
+/// Counts the flushes of the device it wraps.
+pub struct CountFlushes<D> {
+    pub dev: Arc<D>,
+    flushes: std::sync::atomic::AtomicU64,
+}
+
+impl<D> CountFlushes<D> {
+    pub fn new(dev: Arc<D>) -> Arc<Self> {
+        Arc::new(CountFlushes {
+            dev,
+            flushes: Default::default(),
+        })
+    }
+    /// Flushes so far.
+    pub fn flushes(&self) -> u64 {
+        self.flushes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl<D: dmsnap::io::BlockDev> dmsnap::io::BlockDev for CountFlushes<D> {
+    fn len(&self) -> u64 {
+        self.dev.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.dev.read_at(buf, offset)
+    }
+    fn write_at(
+        &self,
+        buf: &[u8],
+        offset: u64,
+        flags: dmsnap::io::WriteFlags,
+    ) -> std::io::Result<()> {
+        self.dev.write_at(buf, offset, flags)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.flushes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.dev.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.dev.discard(offset, len)
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        flags: dmsnap::io::WriteFlags,
+    ) -> std::io::Result<()> {
+        self.dev.write_zeroes(offset, len, flags)
+    }
 }
