@@ -176,6 +176,29 @@ impl Origin {
         }
     }
 
+    /// Wait until the merge is done, failed or stopped, or `timeout` passed
+    /// (a progress display's tick): returns at once when it ends, where a
+    /// fixed poll interval would add up to the interval to every merge.
+    pub fn wait_merge_for(&self, timeout: std::time::Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut ctl = self.merge.lock();
+        loop {
+            match &ctl.status {
+                None => return,
+                Some(s) if s.done || s.failed.is_some() => return,
+                _ => {}
+            }
+            if ctl.thread.as_ref().is_none_or(|t| t.is_finished())
+                && ctl.stop.load(Ordering::Acquire)
+            {
+                return;
+            }
+            if self.merge_cond.wait_until(&mut ctl, deadline).timed_out() {
+                return;
+            }
+        }
+    }
+
     /// Stop the merge thread (shutdown). The origin keeps showing the
     /// snapshot; `start_merge` of the same snapshot resumes.
     pub fn stop_merge(&self) {
