@@ -3,6 +3,7 @@
 //! merge and loses nothing: the same process resumes it once the device
 //! works, and so does a restart from the half-cleared COW (the loader stops
 //! at the cleared area; everything past it is already on the origin).
+//! Also: `wait_merge_for` wakes when the merge ends.
 
 mod common;
 
@@ -90,4 +91,38 @@ fn area_write_error_in_a_batch_loses_nothing_and_resumes() {
     assert!(o.merge_status().unwrap().done);
     assert!(origin_dev.snapshot() == want);
     assert_eq!(s.status().dm_status(), "16/8192 16");
+}
+
+/// `wait_merge_for` (what the offline `dmsnap merge` waits with between
+/// progress updates) returns when the merge ends, not when its timeout
+/// runs out; with no merge it returns at once.
+#[test]
+fn wait_merge_for_returns_when_the_merge_ends() {
+    let o = Origin::new(Arc::new(MemDev::new(ORIGIN)) as DevRef);
+    let t = std::time::Instant::now();
+    o.wait_merge_for(std::time::Duration::from_secs(60));
+    assert!(t.elapsed().as_secs() < 30, "no merge: at once");
+    let s = o
+        .add_snapshot(
+            "s",
+            Arc::new(MemDev::new(4 << 20)) as DevRef,
+            StoreType::Persistent,
+            Some(ChunkSize::DEFAULT),
+        )
+        .unwrap();
+    for c in 0..ORIGIN / CHUNK {
+        o.write_at(&stamp(3, c), c * CHUNK, false).unwrap();
+    }
+    let want = read_all(&*s);
+    let t = std::time::Instant::now();
+    o.start_merge("s").unwrap();
+    o.wait_merge_for(std::time::Duration::from_secs(60));
+    assert!(
+        t.elapsed().as_secs() < 30,
+        "woken by the end of the merge, not the timeout"
+    );
+    assert!(o.merge_status().unwrap().done);
+    let mut merged = vec![0; ORIGIN as usize];
+    o.dev().read_at(&mut merged, 0).unwrap();
+    assert!(merged == want);
 }

@@ -5,19 +5,23 @@
 //!
 //! The merged snapshot has two metadata areas of records in runs of many
 //! lengths; the merge runs once as one batch spanning both areas (the
-//! default limit) and once in batches of at most 50 chunks (batch ends
-//! inside areas and one batch across the area boundary).
+//! default limit), once in batches of at most 50 chunks (batch ends
+//! inside areas and one batch across the area boundary), and once in
+//! batches of 20 with slow origin flushes, so that the next batch's copies
+//! (pipelined) run while the previous batch is made durable.
 
 mod common;
 
-use common::{fill, read_all, CountFlushes};
+use common::{fill, read_all};
 use dmsnap::device::Device;
 use dmsnap::io::testing::{CrashDev, CrashGroup};
-use dmsnap::io::{BlockDev, DevRef, MemDev};
+use dmsnap::io::{BlockDev, DevRef, MemDev, WriteFlags};
 use dmsnap::snap::Origin;
 use dmsnap::store::StoreType;
 use dmsnap::units::ChunkSize;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 const ORIGIN: u64 = 1536 * 1024;
 const COW: u64 = 4 << 20;
@@ -104,33 +108,104 @@ fn build() -> Images {
     }
 }
 
+/// Counts the flushes of the device it wraps (the merge's origin flushes:
+/// one per batch). With `slow`, writes and flushes take a while (a flush
+/// before and after the flush itself), so the next batch's copies, running
+/// meanwhile, land on both sides of it; `overlapped` counts writes that
+/// ran during a flush.
+struct CountFlushes<D> {
+    dev: Arc<D>,
+    flushes: AtomicU64,
+    slow: bool,
+    in_flush: AtomicBool,
+    overlapped: AtomicU64,
+}
+
+impl<D: BlockDev> BlockDev for CountFlushes<D> {
+    fn len(&self) -> u64 {
+        self.dev.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.dev.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, flags: WriteFlags) -> std::io::Result<()> {
+        if self.slow {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        if self.in_flush.load(Ordering::SeqCst) {
+            self.overlapped.fetch_add(1, Ordering::Relaxed);
+        }
+        self.dev.write_at(buf, offset, flags)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        if !self.slow {
+            return self.dev.flush();
+        }
+        self.in_flush.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_micros(500));
+        let r = self.dev.flush();
+        std::thread::sleep(Duration::from_micros(500));
+        self.in_flush.store(false, Ordering::SeqCst);
+        r
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.dev.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> std::io::Result<()> {
+        self.dev.write_zeroes(offset, len, flags)
+    }
+}
+
 #[test]
 fn merge_in_one_batch_across_areas_resumes_after_a_crash_at_every_write_and_flush() {
-    let batches = crash_at_every_op(None);
+    let (batches, _) = crash_at_every_op(None, false);
     assert_eq!(batches, 1, "the whole merge is one batch over both areas");
 }
 
 #[test]
 fn merge_in_batches_of_50_resumes_after_a_crash_at_every_write_and_flush() {
-    let batches = crash_at_every_op(Some(50));
+    let (batches, _) = crash_at_every_op(Some(50), false);
     assert!(batches > 5, "{batches} batches");
 }
 
-/// Cut the power at every write/flush of the merge (batch limit `batch`),
-/// resume from the durable images each time. Returns the number of
-/// batches (origin flushes) of the uncut merge.
-fn crash_at_every_op(batch: Option<u64>) -> u64 {
+/// The pipeline: a batch is copied back while the one before it is made
+/// durable (origin flush, then its records cleared). With slow origin
+/// flushes the next batch's origin writes land before, during and after
+/// the previous batch's flush and before its records are cleared; a power
+/// cut at any op still resumes to the snapshot, `b` unchanged.
+#[test]
+fn pipelined_merge_resumes_after_a_crash_at_every_write_and_flush() {
+    let (batches, overlapped) = crash_at_every_op(Some(20), true);
+    assert!(batches >= 8, "{batches} batches");
+    assert!(
+        overlapped >= 5,
+        "{overlapped} copies ran while the previous batch was being flushed"
+    );
+}
+
+/// Cut the power at every write/flush of the merge (batch limit `batch`,
+/// slow origin flushes with `slow`), resume from the durable images each
+/// time. Returns the number of batches (origin flushes) of the uncut merge
+/// and how many of its origin writes ran during an origin flush.
+fn crash_at_every_op(batch: Option<u64>, slow: bool) -> (u64, u64) {
     let img = build();
     let mut total = None;
     let mut batches = 0;
+    let mut overlapped = 0;
     let mut k = 0;
     loop {
         let g = CrashGroup::new();
         let od = g.device(img.origin.clone());
         let ca = g.device(img.cow_a.clone());
         let cb = g.device(img.cow_b.clone());
-        // Its flushes are the merge's origin flushes: one per batch.
-        let counted = CountFlushes::new(od.clone());
+        let counted = Arc::new(CountFlushes {
+            dev: od.clone(),
+            flushes: AtomicU64::new(0),
+            slow,
+            in_flush: AtomicBool::new(false),
+            overlapped: AtomicU64::new(0),
+        });
         let o = Origin::new(counted.clone() as DevRef);
         o.set_merge_batch_chunks(batch);
         o.add_snapshot("a", ca.clone() as DevRef, StoreType::Persistent, None)
@@ -150,9 +225,11 @@ fn crash_at_every_op(batch: Option<u64>) -> u64 {
                 assert!(read_all(&*o) == img.content_a);
                 assert!(read_all(&*b) == img.content_b);
                 total = Some(g.ops() - base);
-                batches = counted.flushes();
+                batches = counted.flushes.load(Ordering::Relaxed);
+                overlapped = counted.overlapped.load(Ordering::Relaxed);
                 println!(
-                    "batch limit {batch:?}: merge write/flush ops: {}, batches: {batches}",
+                    "batch limit {batch:?}: merge write/flush ops: {}, batches: {batches}, \
+                     origin writes during a flush: {overlapped}",
                     g.ops() - base
                 );
                 continue;
@@ -213,5 +290,5 @@ fn crash_at_every_op(batch: Option<u64>) -> u64 {
             break;
         }
     }
-    batches
+    (batches, overlapped)
 }

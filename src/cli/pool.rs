@@ -493,6 +493,7 @@ fn progress_bar(total_bytes: u64) -> ProgressBar {
 fn follow_merge(
     chunk_bytes: u64,
     mut poll: impl FnMut() -> Result<Option<MergeProgress>>,
+    mut tick: impl FnMut(),
 ) -> Result<()> {
     let mut pb: Option<ProgressBar> = None;
     loop {
@@ -509,7 +510,7 @@ fn follow_merge(
             bar.finish();
             break;
         }
-        std::thread::sleep(Duration::from_millis(200));
+        tick();
     }
     Ok(())
 }
@@ -529,7 +530,11 @@ pub fn merge(a: MergeArgs) -> Result<()> {
         })
         .with_context(ctx)?;
         if a.wait {
-            follow_merge(chunk, || Ok(c.merge_status()?))?;
+            follow_merge(
+                chunk,
+                || Ok(c.merge_status()?),
+                || std::thread::sleep(Duration::from_millis(200)),
+            )?;
             eprintln!("merge of '{}' complete", a.name);
         } else {
             eprintln!("merging '{}' into the origin in the background (the origin already reads as the snapshot)", a.name);
@@ -548,7 +553,12 @@ pub fn merge(a: MergeArgs) -> Result<()> {
     })?;
     let active: Arc<ActivePool> = p.activate(ActivateOptions::default()).with_context(ctx)?;
     active.start_merge(&a.name).with_context(ctx)?;
-    let r = follow_merge(entry.chunk_size, || Ok(active.poll_merge()?));
+    // In process: woken as soon as the merge ends, not at the next tick.
+    let r = follow_merge(
+        entry.chunk_size,
+        || Ok(active.poll_merge()?),
+        || active.origin().wait_merge_for(Duration::from_millis(200)),
+    );
     active.shutdown().context("closing the pool")?;
     r?;
     eprintln!("merge of '{}' complete; the snapshot left the pool", a.name);

@@ -1,7 +1,7 @@
 //! Snapshot merge (`snapshot-merge` target, §1.11): the origin shows the
 //! merging snapshot's content at once while a background thread copies its
-//! exceptions back, last run first, one I/O per run, durably recording the
-//! progress in the store (`commit_merge`) so a crash resumes.
+//! exceptions back, last run first, durably recording the progress in the
+//! store (`commit_merge`) so a crash resumes.
 //!
 //! Unlike the kernel, which flushes the origin and the COW once per run, a
 //! step takes a batch of runs (many areas' worth, bounded by
@@ -9,16 +9,19 @@
 //! flushes once for all of them; the store's state after a step is the
 //! kernel's after the same runs one at a time (see
 //! `PersistentStore::commit_merge_batch` for why clearing many areas is
-//! crash-safe).
+//! crash-safe). A batch is copied back in big reads of the COW in COW
+//! order (scattered exceptions were allocated one after the other), and
+//! while it is copied the batch before it is flushed and committed
+//! (pipelined; `merge_loop` argues why that is crash-safe).
 
 use super::origin::Origin;
 use super::snapshot::{pieces, submit_copies, Snapshot};
 use super::SnapError;
-use crate::copier::Region;
 use crate::device::DevError;
-use crate::io::WriteFlags;
+use crate::io::{DevRef, WriteFlags};
 use crate::units::{Chunk, ChunkSize};
-use std::sync::atomic::{AtomicBool, Ordering};
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -37,7 +40,8 @@ pub struct MergeStatus {
 /// Default bound on the exceptions one merge step takes.
 pub const MERGE_BATCH_CHUNKS: u64 = 8192;
 /// Default bound on the data one merge step copies. Origin writes to
-/// chunks of the batch wait for all of it: this bounds their latency.
+/// chunks of the batch wait for all of it and for the copy of the next
+/// batch (pipelined): this bounds their latency.
 pub const MERGE_BATCH_BYTES: u64 = 64 << 20;
 
 /// `(first, n)` runs sorted, overlapping or touching ones joined.
@@ -61,6 +65,129 @@ pub const MERGE_BATCH_ENV: &str = "DMSNAP_MERGE_BATCH_CHUNKS";
 fn in_runs(runs: &[(u64, u64)], c: u64) -> bool {
     let k = runs.partition_point(|r| r.0 <= c);
     k > 0 && runs.get(k - 1).is_some_and(|&(f, n)| c < f + n)
+}
+
+/// One run of a batch: origin chunks `first_old..first_old + n` take COW
+/// chunks `first_new..first_new + n`; `off`/`len`: its origin bytes (the
+/// last origin chunk may be partial).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Run {
+    first_old: u64,
+    first_new: u64,
+    n: u64,
+    off: u64,
+    len: u64,
+}
+
+/// A batch staged for copying.
+struct Batch {
+    runs: Vec<Run>,
+    /// Exceptions in it.
+    nr: u64,
+    /// Its origin chunks, as published in `merging_runs`.
+    published: Vec<(u64, u64)>,
+}
+
+/// Bytes one read of the COW covers at most when copying a batch back.
+const MERGE_READ_BYTES: u64 = 1 << 20;
+/// Threads copying a batch back (reads of a cold COW in flight at once).
+const MERGE_COPY_THREADS: usize = 4;
+
+/// One read of the COW, `len` bytes at `cow_off`, and the origin writes it
+/// feeds: `(offset in the read, origin offset, length)`.
+#[derive(Debug, PartialEq, Eq)]
+struct CowRead {
+    cow_off: u64,
+    len: u64,
+    writes: Vec<(u64, u64, u64)>,
+}
+
+/// The reads that copy `runs` back: runs cut at `max` bytes, sorted by COW
+/// offset, neighbours on the COW (at most one chunk apart: the metadata
+/// chunk between two areas' data) read together up to `max` bytes. A
+/// batch of scattered 4 KiB runs, allocated one after the other, is read
+/// in a few big sequential reads instead of one read per chunk.
+fn plan_reads(runs: &[Run], cs: ChunkSize, max: u64) -> Vec<CowRead> {
+    let max = max.max(cs.bytes());
+    let mut pieces: Vec<(u64, u64, u64)> = Vec::with_capacity(runs.len());
+    for r in runs {
+        let cow = cs.chunk_to_byte(Chunk(r.first_new));
+        let mut o = 0;
+        while o < r.len {
+            let l = max.min(r.len - o);
+            pieces.push((cow + o, r.off + o, l));
+            o += l;
+        }
+    }
+    pieces.sort_unstable();
+    let mut out: Vec<CowRead> = Vec::new();
+    for (cow, orig, l) in pieces {
+        match out.last_mut() {
+            Some(rd)
+                if cow >= rd.cow_off + rd.len
+                    && cow - (rd.cow_off + rd.len) <= cs.bytes()
+                    && cow + l - rd.cow_off <= max =>
+            {
+                rd.writes.push((cow - rd.cow_off, orig, l));
+                rd.len = cow + l - rd.cow_off;
+            }
+            _ => out.push(CowRead {
+                cow_off: cow,
+                len: l,
+                writes: vec![(0, orig, l)],
+            }),
+        }
+    }
+    out
+}
+
+/// Copy `runs` from the COW back to the origin ([`plan_reads`]), on
+/// [`MERGE_COPY_THREADS`] threads taking the reads in COW order. The first
+/// error, as a message.
+fn copy_back(cow: &DevRef, origin: &DevRef, cs: ChunkSize, runs: &[Run]) -> Result<(), String> {
+    let reads = plan_reads(runs, cs, MERGE_READ_BYTES);
+    let next = AtomicUsize::new(0);
+    let failed: Mutex<Option<String>> = Mutex::new(None);
+    let work = || {
+        let mut buf = Vec::new();
+        loop {
+            if failed.lock().is_some() {
+                return;
+            }
+            let Some(rd) = reads.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                return;
+            };
+            buf.resize(rd.len as usize, 0);
+            let r = cow
+                .read_at(&mut buf, rd.cow_off)
+                .map_err(|e| format!("reading COW bytes {}+{} back: {e}", rd.cow_off, rd.len))
+                .and_then(|()| {
+                    rd.writes.iter().try_for_each(|&(at, orig, l)| {
+                        let piece = buf.get(at as usize..(at + l) as usize).unwrap_or(&[]);
+                        origin.write_at(piece, orig, WriteFlags::NONE).map_err(|e| {
+                            let first = cs.chunk_of_byte(orig).0;
+                            let last = cs.chunk_of_byte(orig + l - 1).0;
+                            format!("copying chunks {first}..={last} back: {e}")
+                        })
+                    })
+                });
+            if let Err(why) = r {
+                failed.lock().get_or_insert(why);
+                return;
+            }
+        }
+    };
+    let threads = MERGE_COPY_THREADS.min(reads.len());
+    std::thread::scope(|sc| {
+        for _ in 1..threads {
+            sc.spawn(work);
+        }
+        work();
+    });
+    match failed.into_inner() {
+        Some(why) => Err(why),
+        None => Ok(()),
+    }
 }
 
 #[derive(Default)]
@@ -178,6 +305,29 @@ impl Origin {
         }
     }
 
+    /// Wait until the merge is done, failed or stopped, or `timeout` passed
+    /// (a progress display's tick): returns at once when it ends, where a
+    /// fixed poll interval would add up to the interval to every merge.
+    pub fn wait_merge_for(&self, timeout: std::time::Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut ctl = self.merge.lock();
+        loop {
+            match &ctl.status {
+                None => return,
+                Some(s) if s.done || s.failed.is_some() => return,
+                _ => {}
+            }
+            if ctl.thread.as_ref().is_none_or(|t| t.is_finished())
+                && ctl.stop.load(Ordering::Acquire)
+            {
+                return;
+            }
+            if self.merge_cond.wait_until(&mut ctl, deadline).timed_out() {
+                return;
+            }
+        }
+    }
+
     /// Stop the merge thread (shutdown). The origin keeps showing the
     /// snapshot; `start_merge` of the same snapshot resumes.
     pub fn stop_merge(&self) {
@@ -219,27 +369,62 @@ impl Origin {
         self.set_merge_result(Some(why), false);
     }
 
-    /// `snapshot_merge_next_chunks` until the store is empty, batched: each
-    /// step takes many runs (up to [`MergeCtl::batch_chunks`] exceptions,
-    /// across metadata areas), triggers the other snapshots' exceptions for
-    /// all of them, copies them all back in parallel (one copier job per
-    /// run), flushes the origin **once**, then clears their records
-    /// durably (`commit_merge_batch`: one COW flush, one FUA write per
-    /// area). The kernel pays an origin flush and a COW flush per run.
+    /// `snapshot_merge_next_chunks` until the store is empty, batched and
+    /// pipelined. Each step takes many runs (up to
+    /// [`MergeCtl::batch_chunks`] exceptions, across metadata areas),
+    /// triggers the other snapshots' exceptions for all of them, publishes
+    /// them as merging and copies them back ([`copy_back`]: big reads of
+    /// the COW in COW order, one write per run). While a batch is copied,
+    /// the batch before it is made durable ([`Origin::finish_batch`]: one
+    /// origin flush, then `commit_merge_batch`: one COW flush, one FUA
+    /// write). The kernel pays an origin flush and a COW flush per run and
+    /// copies nothing meanwhile.
+    ///
+    /// Crash safety of the overlap: a batch's records are cleared only
+    /// after the origin flush that follows the end of all its copies, so
+    /// they are never cleared before its data is durable on the origin;
+    /// the next batch's copies, running meanwhile, overwrite origin chunks
+    /// whose records are all still on disk (its batch is committed only
+    /// after its own copies and flush), and copying a run whose record
+    /// survives a crash again is idempotent (the COW chunk is unchanged:
+    /// writes to chunks of both batches are held). Chunks of both batches
+    /// are published as merging until their batch is committed, and the
+    /// other snapshots' exceptions for a batch are triggered before any of
+    /// its copies, as for a lone batch.
     fn merge_loop(self: &Arc<Self>, snap: &Arc<Snapshot>, stop: &AtomicBool) {
         let cs = snap.chunk_size();
+        let pipelined = {
+            let mut c = snap.commit.lock();
+            c.store.abandon_merge_batches();
+            c.store.queues_merge_batches()
+        };
+        // The batch copied back and not yet durable.
+        let mut copied: Option<Batch> = None;
         loop {
-            if stop.load(Ordering::Acquire) {
-                self.merge_cond.notify_all();
-                return;
-            }
-            if !snap.inner.lock().valid {
+            let stopping = stop.load(Ordering::Acquire);
+            if !stopping && !snap.inner.lock().valid {
                 return self.merge_fail(snap, "Snapshot is invalid: can't merge".into());
+            }
+            if stopping || !pipelined {
+                if let Some(b) = copied.take() {
+                    if let Err(why) = self.finish_batch(snap, &b, Vec::new()) {
+                        return self.merge_fail(snap, why);
+                    }
+                }
+                if stopping {
+                    self.merge_cond.notify_all();
+                    return;
+                }
             }
             let budget = self.merge_batch_chunks(cs);
             let next = snap.commit.lock().store.prepare_merge_batch(budget);
-            let batch = match next {
+            let runs = match next {
                 Ok(b) if b.is_empty() => {
+                    if let Some(b) = copied.take() {
+                        if let Err(why) = self.finish_batch(snap, &b, Vec::new()) {
+                            return self.merge_fail(snap, why);
+                        }
+                    }
                     tracing::info!(snapshot = snap.name(), "merge complete");
                     return self.set_merge_result(None, true);
                 }
@@ -248,118 +433,147 @@ impl Origin {
                     return self.merge_fail(snap, format!("reading the exception store: {e}"))
                 }
             };
-            // (first_old, first_new, n, byte offset, byte length) per run.
-            let mut runs = Vec::with_capacity(batch.len());
-            let mut nr = 0u64;
-            for (old, new, n) in batch {
-                let (old, new) = (old.0, new.0);
-                if n == 0 || n > old + 1 || n > new {
-                    return self
-                        .merge_fail(snap, format!("bad merge run of {n} ending at {old}→{new}"));
-                }
-                let first_old = old + 1 - n;
-                let off = cs.chunk_to_byte(Chunk(first_old));
-                if off >= self.size() {
-                    return self.merge_fail(
-                        snap,
-                        format!("exception for chunk {first_old} beyond the origin"),
-                    );
-                }
-                let len = (n * cs.bytes()).min(self.size() - off);
-                runs.push((first_old, new + 1 - n, n, off, len));
-                nr += n;
+            let batch = match self.stage_batch(snap, runs, copied.as_ref()) {
+                Ok(b) => b,
+                Err(why) => return self.merge_fail(snap, why),
+            };
+            // Copy this batch back while the previous one is made durable.
+            let t0 = std::time::Instant::now();
+            let (copy, finish, copy_time) = std::thread::scope(|sc| {
+                let finish = copied.as_ref().map(|prev| {
+                    let still = batch.published.clone();
+                    sc.spawn(move || {
+                        let r = self.finish_batch(snap, prev, still);
+                        (r, t0.elapsed())
+                    })
+                });
+                let copy = copy_back(&snap.cow, &self.dev, cs, &batch.runs);
+                let copy_time = t0.elapsed();
+                (copy, finish.map(|h| h.join()), copy_time)
+            });
+            tracing::debug!(
+                snapshot = snap.name(),
+                chunks = batch.nr,
+                runs = batch.runs.len(),
+                copy_ms = copy_time.as_secs_f64() * 1e3,
+                finish_prev_ms = finish
+                    .as_ref()
+                    .and_then(|f| f.as_ref().ok())
+                    .map(|f| f.1.as_secs_f64() * 1e3),
+                "merge batch copied"
+            );
+            let finish = finish.map(|f| f.map(|f| f.0));
+            match finish {
+                None | Some(Ok(Ok(()))) => {}
+                Some(Ok(Err(why))) => return self.merge_fail(snap, why),
+                Some(Err(_)) => return self.merge_fail(snap, "committing the merge: panic".into()),
             }
-            // Exceptions on disk must be in memory too.
-            {
-                let i = snap.inner.lock();
-                for &(first_old, first_new, n, _, _) in &runs {
-                    for k in 0..n {
-                        if i.table.lookup(Chunk(first_old + k)) != Some(Chunk(first_new + k)) {
-                            drop(i);
-                            return self.merge_fail(
-                                snap,
-                                format!("Corruption detected: exception for block {} is on disk but not in memory", first_old + k),
-                            );
-                        }
+            if let Err(why) = copy {
+                return self.merge_fail(snap, why);
+            }
+            copied = Some(batch);
+        }
+    }
+
+    /// Check a prepared batch against the in-memory table, trigger the
+    /// other snapshots' exceptions for it, publish it as merging (with
+    /// `prev`, the batch still being made durable) and wait for writes in
+    /// flight to its chunks.
+    fn stage_batch(
+        &self,
+        snap: &Snapshot,
+        batch: Vec<(Chunk, Chunk, u64)>,
+        prev: Option<&Batch>,
+    ) -> Result<Batch, String> {
+        let cs = snap.chunk_size();
+        let mut runs = Vec::with_capacity(batch.len());
+        let mut nr = 0u64;
+        for (old, new, n) in batch {
+            let (old, new) = (old.0, new.0);
+            if n == 0 || n > old + 1 || n > new {
+                return Err(format!("bad merge run of {n} ending at {old}→{new}"));
+            }
+            let first_old = old + 1 - n;
+            let off = cs.chunk_to_byte(Chunk(first_old));
+            if off >= self.size() {
+                return Err(format!("exception for chunk {first_old} beyond the origin"));
+            }
+            let len = (n * cs.bytes()).min(self.size() - off);
+            runs.push(Run {
+                first_old,
+                first_new: new + 1 - n,
+                n,
+                off,
+                len,
+            });
+            nr += n;
+        }
+        // Exceptions on disk must be in memory too.
+        {
+            let i = snap.inner.lock();
+            for r in &runs {
+                for k in 0..r.n {
+                    if i.table.lookup(Chunk(r.first_old + k)) != Some(Chunk(r.first_new + k)) {
+                        return Err(format!(
+                            "Corruption detected: exception for block {} is on disk but not in memory",
+                            r.first_old + k
+                        ));
                     }
                 }
             }
-            let published = coalesce(runs.iter().map(|r| (r.0, r.2)).collect());
-            {
-                let _g = self.gate.read();
-                // 1. Other snapshots keep their content: trigger their
-                // exceptions for every run as origin writes would.
-                let snaps = self.snapshots();
-                let ranges: Vec<(u64, u64)> = runs.iter().map(|r| (r.3, r.4)).collect();
-                self.trigger_ranges_and_wait(&snaps, &ranges);
-                // 2. Publish the batch, wait for writes in flight to it.
-                let mut i = snap.inner.lock();
-                i.merging_runs = published;
-                while i.merge_writes.keys().any(|&c| in_runs(&i.merging_runs, c)) {
-                    snap.cond.wait(&mut i);
-                }
-            }
-            // 3. Copy every run back, one job (one I/O) per run, in parallel;
-            // submitted in ascending COW order (the batch comes last run
-            // first) so reads of a cold COW go forwards.
-            let (tx, rx) = crossbeam_channel::unbounded();
-            for &(first_old, first_new, _, off, len) in runs.iter().rev() {
-                let tx = tx.clone();
-                self.copier.copy(
-                    Region {
-                        dev: snap.cow.clone(),
-                        offset: cs.chunk_to_byte(Chunk(first_new)),
-                        len,
-                    },
-                    vec![Region {
-                        dev: self.dev.clone(),
-                        offset: off,
-                        len,
-                    }],
-                    move |res| {
-                        let _ = tx.send((first_old, len, res));
-                    },
-                );
-            }
-            drop(tx);
-            let mut failed = None;
-            let mut copied = 0;
-            for (first_old, len, res) in rx.iter() {
-                copied += 1;
-                if !res.is_ok() && failed.is_none() {
-                    let n = len.div_ceil(cs.bytes());
-                    failed = Some(format!(
-                        "copying chunks {first_old}..={} back: {:?}",
-                        first_old + n - 1,
-                        res.read_err.or(res.write_errs.into_iter().flatten().next())
-                    ));
-                }
-            }
-            if copied != runs.len() && failed.is_none() {
-                failed = Some("copying back: the copier stopped".into());
-            }
-            if let Some(why) = failed {
-                return self.merge_fail(snap, why);
-            }
-            // 4. Durable on the origin before the records go: one flush for
-            // the whole batch.
-            if let Err(e) = self.dev.flush() {
-                return self.merge_fail(snap, format!("flushing the origin: {e}"));
-            }
-            // 5. commit_merge: the cleared records are the resume point.
-            if let Err(e) = snap.commit.lock().store.commit_merge_batch(nr) {
-                return self.merge_fail(snap, format!("committing the merge: {e}"));
-            }
-            // 6. Forget them in memory, release writes queued on the batch.
-            {
-                let mut i = snap.inner.lock();
-                for &(first_old, _, n, _, _) in &runs {
-                    i.table.remove_range(Chunk(first_old), n);
-                }
-                i.merging_runs = Vec::new();
-            }
-            snap.cond.notify_all();
         }
+        let published = coalesce(runs.iter().map(|r| (r.first_old, r.n)).collect());
+        let _g = self.gate.read();
+        // 1. Other snapshots keep their content: trigger their exceptions
+        // for every run as origin writes would.
+        let snaps = self.snapshots();
+        let ranges: Vec<(u64, u64)> = runs.iter().map(|r| (r.off, r.len)).collect();
+        self.trigger_ranges_and_wait(&snaps, &ranges);
+        // 2. Publish the batch (with the one being made durable), wait for
+        // writes in flight to it.
+        let mut i = snap.inner.lock();
+        let mut both = published.clone();
+        if let Some(p) = prev {
+            both.extend_from_slice(&p.published);
+        }
+        i.merging_runs = coalesce(both);
+        while i.merge_writes.keys().any(|&c| in_runs(&i.merging_runs, c)) {
+            snap.cond.wait(&mut i);
+        }
+        Ok(Batch {
+            runs,
+            nr,
+            published,
+        })
+    }
+
+    /// Make a copied batch durable: flush the origin (its copies are on
+    /// it), clear its records (`commit_merge_batch`: the resume point),
+    /// forget them in memory and release writes queued on its chunks;
+    /// `still` stays published as merging (the batch copied meanwhile).
+    fn finish_batch(
+        &self,
+        snap: &Snapshot,
+        b: &Batch,
+        still: Vec<(u64, u64)>,
+    ) -> Result<(), String> {
+        self.dev
+            .flush()
+            .map_err(|e| format!("flushing the origin: {e}"))?;
+        snap.commit
+            .lock()
+            .store
+            .commit_merge_batch(b.nr)
+            .map_err(|e| format!("committing the merge: {e}"))?;
+        {
+            let mut i = snap.inner.lock();
+            for r in &b.runs {
+                i.table.remove_range(Chunk(r.first_old), r.n);
+            }
+            i.merging_runs = still;
+        }
+        snap.cond.notify_all();
+        Ok(())
     }
 
     /// The COW trigger for several byte ranges at once: every copy is
@@ -533,7 +747,103 @@ impl Origin {
 
 #[cfg(test)]
 mod tests {
-    use super::{coalesce, in_runs};
+    use super::{coalesce, in_runs, plan_reads, Run};
+    use crate::units::ChunkSize;
+    use rand::{Rng, SeedableRng};
+
+    /// Runs like a batch's: disjoint origin chunks, COW chunks allocated
+    /// in some order with a metadata chunk every 256.
+    fn batch(rng: &mut rand::rngs::StdRng, cs: ChunkSize, scattered: bool) -> Vec<Run> {
+        let mut olds: Vec<u64> = (0..600).collect();
+        if scattered {
+            for i in (1..olds.len()).rev() {
+                olds.swap(i, rng.gen_range(0..=i));
+            }
+        }
+        let mut new = 2u64;
+        let mut runs: Vec<Run> = Vec::new();
+        for old in olds {
+            if new % 257 == 1 {
+                new += 1;
+            }
+            match runs.last_mut() {
+                Some(r) if r.first_old + r.n == old && r.first_new + r.n == new => {
+                    r.n += 1;
+                    r.len += cs.bytes();
+                }
+                _ => runs.push(Run {
+                    first_old: old,
+                    first_new: new,
+                    n: 1,
+                    off: old * cs.bytes(),
+                    len: cs.bytes(),
+                }),
+            }
+            new += 1;
+        }
+        // The last origin chunk partial, as at the end of an origin.
+        if let Some(r) = runs.iter_mut().find(|r| r.first_old + r.n == 600) {
+            r.len -= cs.bytes() / 2;
+        }
+        runs
+    }
+
+    #[test]
+    fn planned_reads_copy_every_run_exactly_once() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let cs = ChunkSize::from_sectors(8).unwrap();
+        for round in 0..40 {
+            let runs = batch(&mut rng, cs, round % 2 == 1);
+            let max = cs.bytes() * rng.gen_range(1..40);
+            let reads = plan_reads(&runs, cs, max);
+            // Apply the plan to a COW whose every byte names its offset
+            // (mod 251) and compare with copying run by run.
+            let end = 600 * cs.bytes();
+            let mut got = vec![0u8; end as usize];
+            let mut hits = vec![0u8; end as usize];
+            for (k, rd) in reads.iter().enumerate() {
+                assert!(rd.len <= max, "round {round}: read of {} > {max}", rd.len);
+                if let Some(prev) = k.checked_sub(1).map(|p| &reads[p]) {
+                    assert!(prev.cow_off + prev.len <= rd.cow_off, "round {round}");
+                }
+                let mut at = 0;
+                for &(b, orig, l) in &rd.writes {
+                    assert!(b >= at && b - at <= cs.bytes(), "round {round}: gap");
+                    at = b + l;
+                    for i in 0..l {
+                        got[(orig + i) as usize] = ((rd.cow_off + b + i) % 251) as u8;
+                        hits[(orig + i) as usize] += 1;
+                    }
+                }
+                assert_eq!(at, rd.len, "round {round}: the read ends at its last write");
+            }
+            let mut want = vec![0u8; end as usize];
+            let mut want_hits = vec![0u8; end as usize];
+            for r in &runs {
+                for i in 0..r.len {
+                    want[(r.off + i) as usize] = ((r.first_new * cs.bytes() + i) % 251) as u8;
+                    want_hits[(r.off + i) as usize] = 1;
+                }
+            }
+            assert!(got == want && hits == want_hits, "round {round}");
+        }
+    }
+
+    #[test]
+    fn scattered_chunks_allocated_in_a_row_are_read_together() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+        let cs = ChunkSize::from_sectors(8).unwrap();
+        let runs = batch(&mut rng, cs, true);
+        assert!(runs.len() > 300, "{} runs", runs.len());
+        // 600 chunks over 3 areas' data, 1 MiB reads: three reads.
+        let reads = plan_reads(&runs, cs, 1 << 20);
+        assert_eq!(
+            reads.len(),
+            3,
+            "{:?}",
+            reads.iter().map(|r| r.len).collect::<Vec<_>>()
+        );
+    }
 
     #[test]
     fn published_runs_answer_membership() {

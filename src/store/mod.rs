@@ -257,6 +257,20 @@ pub trait ExceptionStore: Send {
     /// error invalidates the store (the first error is kept).
     fn finish_sync(&mut self, upto: u64, result: Result<(), StoreError>);
 
+    /// Whether `prepare_merge_batch` may be called again before the batch
+    /// it returned is committed (a merge copying the next batch while the
+    /// previous one is made durable): the new batch then starts where the
+    /// prepared ones end, and `commit_merge_batch` commits the oldest. The
+    /// default: one batch at a time.
+    fn queues_merge_batches(&self) -> bool {
+        false
+    }
+
+    /// Forget the batches prepared and not committed (a merge that stopped
+    /// or failed between the two); the next batch starts at the store's
+    /// state. The default has none.
+    fn abandon_merge_batches(&mut self) {}
+
     /// `drop_snapshot`: invalidate the store (header `valid = 0`).
     fn drop_snapshot(&mut self) -> Result<(), StoreError>;
 
