@@ -33,6 +33,14 @@ pub struct LoadArgs {
     pub exceptions: u64,
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Chunk size of the COW (bigger: fewer, larger metadata areas).
+    #[arg(long, default_value = "4K", value_parser = chunk_size_arg)]
+    pub chunk_size: ChunkSize,
+}
+
+fn chunk_size_arg(s: &str) -> Result<ChunkSize, String> {
+    let b = dmsnap::units::parse_size(s)?;
+    ChunkSize::from_bytes(b).map_err(|e| e.to_string())
 }
 
 #[derive(Args, Debug)]
@@ -51,8 +59,8 @@ pub fn bench(cmd: BenchCmd) -> Result<()> {
 }
 
 fn load(a: LoadArgs) -> Result<serde_json::Value> {
-    let r =
-        dmsnap::bench::run_load_bench(&a.dir, a.exceptions, a.runs).context("load benchmark")?;
+    let r = dmsnap::bench::run_load_bench_with(&a.dir, a.exceptions, a.runs, a.chunk_size)
+        .context("load benchmark")?;
     eprint!("{r}");
     let modes: Vec<_> = r
         .modes
@@ -75,6 +83,7 @@ fn load(a: LoadArgs) -> Result<serde_json::Value> {
     let table_s = t.elapsed().as_secs_f64();
     Ok(json!({
         "exceptions": r.exceptions,
+        "chunk_size": r.chunk_size.bytes(),
         "areas": r.areas,
         "metadata_bytes": r.metadata_bytes,
         "modes": modes,

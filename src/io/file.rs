@@ -255,6 +255,10 @@ impl BlockDev for FileDev {
     fn logical_block_size(&self) -> u32 {
         self.block_size
     }
+    fn raw_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        Some(self.file.as_fd())
+    }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         check_range(offset, buf.len() as u64, self.len)?;

@@ -11,11 +11,13 @@ mod file;
 mod mem;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod uring;
 
 pub use file::{FileDev, OpenOptions};
 pub use mem::MemDev;
 
 use std::io;
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 /// Per-write flags.
@@ -60,6 +62,14 @@ pub trait BlockDev: Send + Sync {
     /// Make `[offset, offset+len)` read as zeroes. Default: write zero buffers.
     fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> io::Result<()> {
         write_zeroes_by_writing(self, offset, len, flags)
+    }
+    /// The file descriptor behind the device, when a read of its first
+    /// [`len`](Self::len) bytes through it returns exactly what
+    /// [`read_at`](Self::read_at) returns (a plain file or block device, no
+    /// translation, no fault injection). Lets a bulk reader keep many reads
+    /// in flight at once ([`uring`]). Default: none.
+    fn raw_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
     }
 }
 
@@ -118,5 +128,8 @@ impl<T: BlockDev + ?Sized> BlockDev for Arc<T> {
     }
     fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> io::Result<()> {
         (**self).write_zeroes(offset, len, flags)
+    }
+    fn raw_fd(&self) -> Option<BorrowedFd<'_>> {
+        (**self).raw_fd()
     }
 }
