@@ -240,9 +240,33 @@ fn fallocate_and_fsync_reach_discard_write_zeroes_and_flush() {
     let before = dev.flushes.load(Ordering::SeqCst);
     f.sync_all().unwrap();
     assert!(dev.flushes.load(Ordering::SeqCst) > before, "fsync → flush");
+    // Close flushes what was written since the last fsync, and only then.
+    f.write_all_at(&[0xCD; 4096], 0).unwrap();
     let before = dev.flushes.load(Ordering::SeqCst);
     drop(f);
-    assert!(dev.flushes.load(Ordering::SeqCst) > before, "close → flush");
+    assert_eq!(
+        dev.flushes.load(Ordering::SeqCst),
+        before + 1,
+        "close after a write → flush"
+    );
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.dir().join("origin"))
+        .unwrap();
+    f.write_all_at(&[0xCD; 4096], 0).unwrap();
+    f.sync_data().unwrap();
+    let before = dev.flushes.load(Ordering::SeqCst);
+    drop(f);
+    let f = File::open(m.dir().join("origin")).unwrap();
+    let mut one = [0u8; 1];
+    f.read_exact_at(&mut one, 0).unwrap();
+    drop(f);
+    assert_eq!(
+        dev.flushes.load(Ordering::SeqCst),
+        before,
+        "close with nothing left to make durable, or of a reader → no flush"
+    );
 
     // fsync on the directory flushes every export.
     let before = dev.flushes.load(Ordering::SeqCst);
