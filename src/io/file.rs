@@ -9,7 +9,8 @@
 //! while later requests are still being copied in, and a flush after a
 //! stream of writes waits for what is left in flight, not for all of it:
 //! buffered sequential writes through the FUSE export + a loop device then
-//! fsync went from 0.56 to 0.96 of a loop device on the raw file. Small
+//! fsync went from about 0.4–0.7 to 0.7–1.0 of a loop device on the raw
+//! file (A/B on a shared, noisy machine). Small
 //! writes (metadata, random 4 KiB) are left to the page cache to coalesce.
 
 use super::{check_range, BlockDev, WriteFlags};
