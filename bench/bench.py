@@ -11,7 +11,8 @@ Groups (see bench/RESULTS.md for a recorded run):
         4 KiB writes QD16 (first writes and rewrites), sequential reads.
   fuse  dmsnap serve --fuse, a loop device (direct I/O) over the FUSE file:
         sequential 1 MiB writes buffered + fsync and O_DIRECT, mkfs.ext2;
-        vs the same on a loop device over the raw file.
+        vs the same on a loop device over the raw file. `serve` keeps the
+        images in the host page cache unless --direct (one row has it).
   merge dmsnap merge of SIZE of exceptions (sequential; scattered: at most
         64 MiB), cold cache, vs a plain copy of the same number of bytes (dd,
         cold cache, fsync), the two alternated. Timed until the merge is
@@ -228,11 +229,12 @@ class Bench:
         pool = self.dmsnap_pool(nsnap, chunk)
         return Setup(Server([DMSNAP, "serve", pool], str(pool / "nbd.sock"), ready_line="ready"))
 
-    def dmsnap_fuse(self, nsnap, export, chunk="4k"):
+    def dmsnap_fuse(self, nsnap, export, chunk="4k", direct=False):
         pool = self.dmsnap_pool(nsnap, chunk)
         mnt = self.dir / "mnt"
         mnt.mkdir(exist_ok=True)
-        s = Server([DMSNAP, "serve", pool, "--fuse", mnt], str(pool / "nbd.sock"), ready_line="ready")
+        argv = [DMSNAP, "serve", pool, "--fuse", mnt] + (["--direct"] if direct else [])
+        s = Server(argv, str(pool / "nbd.sock"), ready_line="ready")
         try:
             lp = Loop(mnt / export)
         except Exception:
@@ -359,9 +361,12 @@ class Bench:
         for wname, job, unit in [("seq 1 MiB writes, buffered+fsync", buffered, "MiB/s"),
                                  ("seq 1 MiB writes, O_DIRECT", direct, "MiB/s"),
                                  ("mkfs.ext2", mkfs, "1/s")]:
-            F = lambda n, e, c="4k": (lambda: self.dmsnap_fuse(n, e, c))
+            F = lambda n, e, c="4k", d=False: (lambda: self.dmsnap_fuse(n, e, c, d))
             self.workload(f"fuse+loop: {wname}", job, "loop on raw file", self.raw_loop, [
                 ("dmsnap origin, 0 snaps", F(0, "origin"), None),
+                # serve --direct: no host page cache under the FUSE file
+                # either, as under the reference's loop device.
+                ("dmsnap origin, 0 snaps, --direct", F(0, "origin", d=True), None),
                 ("dmsnap origin, 1 snap 4k", F(1, "origin"), None),
                 ("dmsnap origin, 2 snaps 4k", F(2, "origin"), None),
                 ("dmsnap origin, 4 snaps 4k", F(4, "origin"), None),

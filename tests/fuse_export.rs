@@ -240,9 +240,33 @@ fn fallocate_and_fsync_reach_discard_write_zeroes_and_flush() {
     let before = dev.flushes.load(Ordering::SeqCst);
     f.sync_all().unwrap();
     assert!(dev.flushes.load(Ordering::SeqCst) > before, "fsync → flush");
+    // Close flushes what was written since the last fsync, and only then.
+    f.write_all_at(&[0xCD; 4096], 0).unwrap();
     let before = dev.flushes.load(Ordering::SeqCst);
     drop(f);
-    assert!(dev.flushes.load(Ordering::SeqCst) > before, "close → flush");
+    assert_eq!(
+        dev.flushes.load(Ordering::SeqCst),
+        before + 1,
+        "close after a write → flush"
+    );
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.dir().join("origin"))
+        .unwrap();
+    f.write_all_at(&[0xCD; 4096], 0).unwrap();
+    f.sync_data().unwrap();
+    let before = dev.flushes.load(Ordering::SeqCst);
+    drop(f);
+    let f = File::open(m.dir().join("origin")).unwrap();
+    let mut one = [0u8; 1];
+    f.read_exact_at(&mut one, 0).unwrap();
+    drop(f);
+    assert_eq!(
+        dev.flushes.load(Ordering::SeqCst),
+        before,
+        "close with nothing left to make durable, or of a reader → no flush"
+    );
 
     // fsync on the directory flushes every export.
     let before = dev.flushes.load(Ordering::SeqCst);
@@ -282,6 +306,74 @@ fn large_requests_arrive_in_one_mib_pieces() {
     assert!(back == data);
     assert_eq!(dev.max_write.load(Ordering::SeqCst) as u64, MIB);
     assert_eq!(dev.max_read.load(Ordering::SeqCst) as u64, MIB);
+    drop(f);
+    m.unmount().unwrap();
+}
+
+/// `cachestat(2)` (Linux 6.5): page-cache state of a file range.
+fn cachestat(f: &File, offset: u64, len: u64) -> [u64; 5] {
+    const SYS_CACHESTAT: libc::c_long = 451;
+    let range = [offset, len];
+    let mut stat = [0u64; 5]; // cache, dirty, writeback, evicted, recently evicted
+                              // SAFETY: both pointers are valid for the struct sizes the kernel uses
+                              // (struct cachestat_range: 2 u64; struct cachestat: 5 u64) for the call.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            f.as_raw_fd(),
+            range.as_ptr(),
+            stat.as_mut_ptr(),
+            0u32,
+        )
+    };
+    assert_eq!(r, 0, "cachestat: {}", std::io::Error::last_os_error());
+    stat
+}
+
+#[test]
+fn large_writes_start_writeback_at_once_and_fsync_makes_them_durable() {
+    // A real disk filesystem (not tmpfs): the point is its writeback.
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let image = tmp.path().join("origin.img");
+    let dev = FileDev::create_sparse(&image, 8 * MIB, OpenOptions::default()).unwrap();
+    let exports = StaticExports::new().with("origin", Arc::new(PlainDevice::new(dev, false)));
+    let (_mnt, m) = mount_dir(Arc::new(exports), FuseOptions::default());
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.dir().join("origin"))
+        .unwrap();
+    let backing = File::open(&image).unwrap();
+    let data: Vec<u8> = (0..2 * MIB).map(|i| (i % 253) as u8).collect();
+
+    // Two 1 MiB requests: each is written back as soon as it is written,
+    // with no fsync: its pages are under writeback (or clean), not dirty.
+    f.write_all_at(&data, 2 * MIB).unwrap();
+    let [cached, dirty, ..] = cachestat(&backing, 2 * MIB, 2 * MIB);
+    assert_eq!(
+        cached,
+        2 * MIB / 4096,
+        "the write went through the page cache"
+    );
+    // (ext4 may leave the last page of a range dirty: allow 1%.)
+    assert!(
+        dirty * 100 <= cached,
+        "writeback of the large write has not started: {dirty} of {cached} pages dirty"
+    );
+
+    // fsync: nothing dirty or in flight, and the backing file holds it.
+    f.write_all_at(&data[..4096], 0).unwrap();
+    f.sync_all().unwrap();
+    let [_, dirty, writeback, ..] = cachestat(&backing, 0, 8 * MIB);
+    assert_eq!((dirty, writeback), (0, 0), "fsync left pages not durable");
+    let mut back = vec![0u8; data.len()];
+    backing.read_exact_at(&mut back, 2 * MIB).unwrap();
+    assert!(
+        back == data,
+        "the backing file differs from what was written"
+    );
+    backing.read_exact_at(&mut back[..4096], 0).unwrap();
+    assert!(back[..4096] == data[..4096]);
     drop(f);
     m.unmount().unwrap();
 }

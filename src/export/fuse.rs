@@ -19,7 +19,8 @@
 //! | file operation | device |
 //! |---|---|
 //! | `read`/`write` (clipped at the end; writes beyond it: `ENOSPC`) | `read_at`/`write_at` (`O_DSYNC` → FUA) |
-//! | `fsync`, `flush` (close), `fsyncdir` (every export) | `flush` |
+//! | `fsync`, `fsyncdir` (every export) | `flush` |
+//! | `flush` (close) after writes that are not durable yet | `flush` |
 //! | `fallocate(PUNCH_HOLE\|KEEP_SIZE)` | `discard` |
 //! | `fallocate(ZERO_RANGE)` | `write_zeroes` |
 //! | `fallocate(0)` inside the size | nothing to do |
@@ -45,7 +46,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -343,6 +344,48 @@ struct Handle {
     dev: Arc<dyn Device>,
     /// Opened for writing.
     writable: bool,
+    /// A write (not FUA), discard or zeroing through this handle completed
+    /// since its last flush started: its close must flush the device.
+    unflushed: AtomicBool,
+}
+
+impl Handle {
+    fn new(name: String, dev: Arc<dyn Device>, writable: bool) -> Self {
+        Handle {
+            name,
+            dev,
+            writable,
+            unflushed: AtomicBool::new(false),
+        }
+    }
+
+    /// Record a completed write that is not durable yet. Called after the
+    /// device returned, so a flush that clears the mark afterwards covers it.
+    fn wrote(&self) {
+        self.unflushed.store(true, Ordering::Release);
+    }
+
+    /// Flush the device. Writes that completed before the mark is cleared
+    /// are covered by the flush that starts after it; a failed flush puts
+    /// the mark back.
+    fn flush(&self) -> Result<(), Errno> {
+        self.unflushed.store(false, Ordering::Release);
+        self.dev.flush().map_err(|e| {
+            self.wrote();
+            errno(&e)
+        })
+    }
+
+    /// Flush on close: only if this handle left something not durable
+    /// (a reader, or a writer whose data an fsync or FUA already made
+    /// durable, costs nothing).
+    fn flush_on_close(&self) -> Result<(), Errno> {
+        if self.unflushed.load(Ordering::Acquire) {
+            self.flush()
+        } else {
+            Ok(())
+        }
+    }
 }
 
 /// Stable inode numbers: root is 1, export `names[i]` is `i + 2`.
@@ -505,6 +548,9 @@ impl ExportFs {
         h.dev
             .write_at(&data[..n], offset, fua)
             .map_err(|e| errno(&e))?;
+        if !fua {
+            h.wrote();
+        }
         Ok(n as u32)
     }
 
@@ -528,6 +574,7 @@ impl ExportFs {
             PUNCH if mode & KEEP != 0 => {
                 if inside > 0 {
                     h.dev.discard(offset, inside).map_err(|e| errno(&e))?;
+                    h.wrote();
                 }
                 Ok(())
             }
@@ -536,6 +583,7 @@ impl ExportFs {
                     h.dev
                         .write_zeroes(offset, inside, false)
                         .map_err(|e| errno(&e))?;
+                    h.wrote();
                 }
                 Ok(())
             }
@@ -640,18 +688,15 @@ impl Filesystem for ExportFs {
             return reply.error(Errno::EROFS);
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.write().insert(
-            fh,
-            Arc::new(Handle {
-                name,
-                dev,
-                writable,
-            }),
-        );
-        reply.opened(
-            FileHandle(fh),
-            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
-        );
+        self.handles
+            .write()
+            .insert(fh, Arc::new(Handle::new(name, dev, writable)));
+        let mut fopen = FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES;
+        if !writable {
+            // Nothing to make durable on close: spare the FLUSH round trip.
+            fopen |= FopenFlags::FOPEN_NOFLUSH;
+        }
+        reply.opened(FileHandle(fh), fopen);
     }
 
     fn read(
@@ -716,13 +761,10 @@ impl Filesystem for ExportFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Called on every close(): make what this file wrote durable.
-        match self.handle(fh) {
-            Ok(h) if h.writable => match h.dev.flush() {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            },
-            Ok(_) => reply.ok(),
+        // Called on every close() of a writable file: make what it wrote
+        // durable, if anything is left to.
+        match self.handle(fh).and_then(|h| h.flush_on_close()) {
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
     }
@@ -749,11 +791,10 @@ impl Filesystem for ExportFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.handle(fh) {
-            Ok(h) => match h.dev.flush() {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            },
+        // Always a flush: fsync covers writes through any descriptor (and
+        // the device's other clients), not just this handle's.
+        match self.handle(fh).and_then(|h| h.flush()) {
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
     }
@@ -919,14 +960,9 @@ mod tests {
     fn open(fs: &ExportFs, name: &str, writable: bool) -> FileHandle {
         let dev = fs.exports.get(name).unwrap();
         let fh = fs.next_fh.fetch_add(1, Ordering::Relaxed);
-        fs.handles.write().insert(
-            fh,
-            Arc::new(Handle {
-                name: name.into(),
-                dev,
-                writable,
-            }),
-        );
+        fs.handles
+            .write()
+            .insert(fh, Arc::new(Handle::new(name.into(), dev, writable)));
         FileHandle(fh)
     }
 
@@ -960,6 +996,93 @@ mod tests {
         assert_eq!(fs.do_write(fh, 0, &[1; 512], false), Err(Errno::EROFS));
         let fh = open(&fs, "snap", false);
         assert_eq!(fs.do_write(fh, 0, &[1; 512], false), Err(Errno::EBADF));
+    }
+
+    /// Counts flushes; fails them while `fail` is set.
+    #[derive(Default)]
+    struct FlushCount {
+        flushes: AtomicU64,
+        fail: AtomicBool,
+    }
+
+    impl Device for FlushCount {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn read_at(&self, buf: &mut [u8], _offset: u64) -> Result<(), DevError> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn write_at(&self, _buf: &[u8], _offset: u64, _fua: bool) -> Result<(), DevError> {
+            Ok(())
+        }
+        fn flush(&self) -> Result<(), DevError> {
+            self.flushes.fetch_add(1, Ordering::SeqCst);
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(DevError::Io(io::Error::from_raw_os_error(libc::EIO)));
+            }
+            Ok(())
+        }
+        fn discard(&self, _offset: u64, _len: u64) -> Result<(), DevError> {
+            Ok(())
+        }
+        fn write_zeroes(&self, _offset: u64, _len: u64, _fua: bool) -> Result<(), DevError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn close_flushes_only_what_is_not_durable_yet() {
+        let dev = Arc::new(FlushCount::default());
+        let exports = StaticExports::new().with("origin", dev.clone());
+        let fs = ExportFs::new(Arc::new(exports), &FuseOptions::default());
+        let flushes = || dev.flushes.load(Ordering::SeqCst);
+        let h = |fh: FileHandle| fs.handle(fh).unwrap();
+
+        // Opened for writing, nothing written: close is free.
+        let fh = open(&fs, "origin", true);
+        assert_eq!(h(fh).flush_on_close(), Ok(()));
+        assert_eq!(flushes(), 0);
+        // FUA writes are durable already.
+        fs.do_write(fh, 0, &[1; 512], true).unwrap();
+        assert_eq!(h(fh).flush_on_close(), Ok(()));
+        assert_eq!(flushes(), 0);
+        // A plain write must be flushed on close, once.
+        fs.do_write(fh, 0, &[1; 512], false).unwrap();
+        assert_eq!(h(fh).flush_on_close(), Ok(()));
+        assert_eq!(flushes(), 1);
+        assert_eq!(h(fh).flush_on_close(), Ok(()));
+        assert_eq!(flushes(), 1);
+        // fsync always flushes, and leaves nothing for close.
+        fs.do_write(fh, 0, &[1; 512], false).unwrap();
+        assert_eq!(h(fh).flush(), Ok(()));
+        assert_eq!(h(fh).flush(), Ok(()));
+        assert_eq!(flushes(), 3);
+        assert_eq!(h(fh).flush_on_close(), Ok(()));
+        assert_eq!(flushes(), 3);
+        // Discard and zeroing count as writes.
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        fs.do_fallocate(fh, 0, 4096, punch).unwrap();
+        assert_eq!(h(fh).flush_on_close(), Ok(()));
+        assert_eq!(flushes(), 4);
+        fs.do_fallocate(fh, 0, 4096, libc::FALLOC_FL_ZERO_RANGE)
+            .unwrap();
+        assert_eq!(h(fh).flush_on_close(), Ok(()));
+        assert_eq!(flushes(), 5);
+        // A failed flush keeps the data owed: the next close tries again.
+        fs.do_write(fh, 0, &[1; 512], false).unwrap();
+        dev.fail.store(true, Ordering::SeqCst);
+        assert_eq!(h(fh).flush_on_close(), Err(Errno::EIO));
+        dev.fail.store(false, Ordering::SeqCst);
+        assert_eq!(h(fh).flush_on_close(), Ok(()));
+        assert_eq!(flushes(), 7);
+        // Another handle's writes are its own business on close.
+        let other = open(&fs, "origin", true);
+        fs.do_write(other, 0, &[1; 512], false).unwrap();
+        assert_eq!(h(fh).flush_on_close(), Ok(()));
+        assert_eq!(flushes(), 7);
+        assert_eq!(h(other).flush_on_close(), Ok(()));
+        assert_eq!(flushes(), 8);
     }
 
     #[test]

@@ -2,6 +2,16 @@
 //!
 //! Flush is `fdatasync`; a FUA write is a `pwritev2(RWF_DSYNC)` (falls back to
 //! write + fdatasync where the kernel refuses the flag).
+//!
+//! Write-behind: a large write through the page cache starts its own
+//! writeback at once (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, asynchronous)
+//! instead of leaving every dirty page to the next flush. The disk then works
+//! while later requests are still being copied in, and a flush after a
+//! stream of writes waits for what is left in flight, not for all of it:
+//! buffered sequential writes through the FUSE export + a loop device then
+//! fsync went from about 0.4–0.7 to 0.7–1.0 of a loop device on the raw
+//! file (A/B on a shared, noisy machine). Small
+//! writes (metadata, random 4 KiB) are left to the page cache to coalesce.
 
 use super::{check_range, BlockDev, WriteFlags};
 use std::fs::File;
@@ -9,6 +19,9 @@ use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+
+/// Buffered writes of at least this many bytes start their writeback at once.
+pub const WRITE_BEHIND_MIN: usize = 128 << 10;
 
 /// How to open a [`FileDev`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -202,6 +215,23 @@ fn with_bounce<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
 }
 
 impl FileDev {
+    /// Start writing back the range's dirty pages without waiting for them
+    /// (see the module docs). Only a hint: durability still comes from
+    /// [`BlockDev::flush`], and an I/O error of this writeback is reported
+    /// there (`SYNC_FILE_RANGE_WRITE` alone does not consume the file's
+    /// error state), so the result is ignored.
+    fn start_writeback(&self, offset: u64, len: u64) {
+        // SAFETY: plain syscall on a valid fd with integer arguments.
+        let _ = unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+    }
+
     fn pread_exact(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)
     }
@@ -281,7 +311,14 @@ impl BlockDev for FileDev {
     fn write_at(&self, buf: &[u8], offset: u64, flags: WriteFlags) -> io::Result<()> {
         self.check_writable()?;
         check_range(offset, buf.len() as u64, self.len)?;
-        if !self.direct || self.aligned(buf.as_ptr() as usize, buf.len(), offset) {
+        if !self.direct {
+            self.pwrite_exact(buf, offset, flags.fua)?;
+            if !flags.fua && buf.len() >= WRITE_BEHIND_MIN {
+                self.start_writeback(offset, buf.len() as u64);
+            }
+            return Ok(());
+        }
+        if self.aligned(buf.as_ptr() as usize, buf.len(), offset) {
             return self.pwrite_exact(buf, offset, flags.fua);
         }
         let a = self.block_size.max(512) as u64;
