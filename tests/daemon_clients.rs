@@ -165,13 +165,13 @@ fn merge_survives_kill_9_and_resumes_on_serve_and_offline() {
     // The kills must land mid-merge: the daemons merge one run per step (as
     // the kernel), not in the default batches that would take these 8 MiB
     // in one step.
-    let slow = [support::SLOW_MERGE];
+    let slow = support::SLOW_MERGE;
     const CHUNKS: u64 = 2048; // 8 MiB of 4 KiB chunks
     let t = tempfile::tempdir().unwrap();
     let p = t.path().join("pool");
     let ps = p.to_str().unwrap();
     ok(&["create", ps, "--size", "8M"]);
-    let d = Daemon::start_env(&p, &[], &slow);
+    let d = Daemon::start_env(&p, &[], slow);
     let mut c = NbdClient::connect(&d.socket(), "origin").unwrap();
     let block = |n: u64, gen: u8| -> Vec<u8> {
         let mut b = vec![gen; 4096];
@@ -225,7 +225,7 @@ fn merge_survives_kill_9_and_resumes_on_serve_and_offline() {
     assert_eq!(s["state"], "merging");
     assert!(s["allocated_sectors"].as_u64().unwrap() <= before);
     // serve resumes it; kill it again mid-way.
-    let d = Daemon::start_env(&p, &[], &slow);
+    let d = Daemon::start_env(&p, &[], slow);
     let mut c = NbdClient::connect(&d.socket(), "origin").unwrap();
     assert_eq!(
         sha256_hex(&c.read_all().unwrap()),
@@ -249,7 +249,7 @@ fn merge_survives_kill_9_and_resumes_on_serve_and_offline() {
         want,
         "the origin equals the snapshot's content"
     );
-    let d = Daemon::start_env(&p, &[], &slow);
+    let d = Daemon::start_env(&p, &[], slow);
     let got = sha256_hex(
         &NbdClient::connect(&d.socket(), "other")
             .unwrap()

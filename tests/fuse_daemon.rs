@@ -76,7 +76,7 @@ impl Served {
             tempfile::tempdir().unwrap(),
             size,
             extra,
-            &[support::SLOW_MERGE],
+            support::SLOW_MERGE,
         )
     }
 

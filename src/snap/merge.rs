@@ -61,6 +61,11 @@ fn coalesce(mut runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
 /// one run per step, as the kernel), for tests that need a slow merge.
 pub const MERGE_BATCH_ENV: &str = "DMSNAP_MERGE_BATCH_CHUNKS";
 
+/// Environment variable: a pause in milliseconds before each merge step,
+/// for tests that must observe a merge in progress (the pipelined merge of
+/// a small snapshot is over in milliseconds even one run per step).
+pub const MERGE_STEP_DELAY_ENV: &str = "DMSNAP_MERGE_STEP_DELAY_MS";
+
 /// Is origin chunk `c` in one of `runs` (`(first, n)`, sorted, disjoint)?
 fn in_runs(runs: &[(u64, u64)], c: u64) -> bool {
     let k = runs.partition_point(|r| r.0 <= c);
@@ -400,7 +405,14 @@ impl Origin {
         };
         // The batch copied back and not yet durable.
         let mut copied: Option<Batch> = None;
+        let step_delay = std::env::var(MERGE_STEP_DELAY_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::time::Duration::from_millis);
         loop {
+            if let Some(d) = step_delay {
+                std::thread::sleep(d);
+            }
             let stopping = stop.load(Ordering::Acquire);
             if !stopping && !snap.inner.lock().valid {
                 return self.merge_fail(snap, "Snapshot is invalid: can't merge".into());

@@ -32,8 +32,12 @@ pub fn ok(args: &[&str]) -> String {
 
 /// Environment for a daemon whose merge must be watched mid-way: one run per
 /// step, as the kernel merges, instead of the default batches that finish a
-/// small test merge in one step.
-pub const SLOW_MERGE: (&str, &str) = ("DMSNAP_MERGE_BATCH_CHUNKS", "1");
+/// small test merge in one step, and a 2 ms pause before each step (the
+/// pipelined merge is otherwise over before a test can look).
+pub const SLOW_MERGE: &[(&str, &str)] = &[
+    ("DMSNAP_MERGE_BATCH_CHUNKS", "1"),
+    ("DMSNAP_MERGE_STEP_DELAY_MS", "2"),
+];
 
 /// A running `dmsnap serve`, stopped with SIGTERM on drop.
 pub struct Daemon {
