@@ -270,8 +270,21 @@ impl Copier {
     }
 }
 
+/// Run a sub-job and, after the last one of its job, the job's `done`.
+/// A panic in the sub-job's I/O fails the sub-job (every destination of
+/// it); a panic in `done` is caught and logged: either way the worker
+/// lives on and the in-flight slot is released.
 fn finish_sub_job(sj: SubJob, th: &Throttle, buf: &mut Vec<u8>) {
-    let res = run_sub_job(sj.job.src.as_ref(), &sj.job.dests, sj.off, sj.len, buf);
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_sub_job(sj.job.src.as_ref(), &sj.job.dests, sj.off, sj.len, buf)
+    }))
+    .unwrap_or_else(|_| {
+        tracing::error!("a panic in a copy's I/O");
+        CopyResult {
+            read_err: Some(io::Error::other("a panic in the copy's I/O")),
+            write_errs: Vec::new(),
+        }
+    });
     sj.job.result.lock().absorb(res);
     if sj.job.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
         let result = std::mem::take(&mut *sj.job.result.lock());
@@ -282,7 +295,10 @@ fn finish_sub_job(sj: SubJob, th: &Throttle, buf: &mut Vec<u8>) {
             th.cond.notify_one();
         }
         if let Some(done) = done {
-            done(result);
+            let _ = crate::io::catch_panic("completing a copy job", || {
+                done(result);
+                Ok(())
+            });
         }
     }
 }

@@ -133,3 +133,22 @@ impl<T: BlockDev + ?Sized> BlockDev for Arc<T> {
         (**self).raw_fd()
     }
 }
+
+/// Run `f`; a panic in it (a bug, or a device that panicked) becomes an
+/// I/O error naming `what`, so that a worker thread survives and the
+/// callers waiting for its result get an error instead of a hang. The
+/// panic message is logged.
+pub fn catch_panic<T>(what: &'static str, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(during = what, panic = %msg, "caught a panic");
+            Err(io::Error::other(format!("a panic while {what}: {msg}")))
+        }
+    }
+}

@@ -33,14 +33,34 @@ pub enum Fault {
     Always { kind: OpKind },
 }
 
-struct FaultState {
-    rules: Vec<(Fault, u64)>, // rule, ops of its kind seen since added
+/// What an operation that matches a [`Fault`] does instead of succeeding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// Fails with EIO (the default of [`FaultyDev::add`]).
+    Eio,
+    /// Fails with ENOSPC (a full filesystem under a sparse file).
+    Enospc,
+    /// A write lands in part (its first half, in whole 512-byte sectors),
+    /// then fails with EIO: a torn write. Other operations fail with EIO.
+    Short,
+    /// Panics (a buggy device), to test that a panic becomes an error.
+    Panic,
+    /// Blocks until [`FaultyDev::release`] (a stuck device), then succeeds.
+    Stall,
 }
 
-/// Wraps a device and fails operations that match its rules with EIO.
+struct FaultState {
+    rules: Vec<(Fault, Effect, u64)>, // rule, effect, ops of its kind seen since added
+    /// Operations blocked by `Effect::Stall` go on when this changes.
+    release_epoch: u64,
+}
+
+/// Wraps a device and makes operations that match its rules fail (EIO by
+/// default), tear, panic or stall.
 pub struct FaultyDev<D: BlockDev> {
     inner: D,
     state: Mutex<FaultState>,
+    stalled: parking_lot::Condvar,
     injected: AtomicU64,
 }
 
@@ -48,15 +68,31 @@ impl<D: BlockDev> FaultyDev<D> {
     pub fn new(inner: D) -> Self {
         FaultyDev {
             inner,
-            state: Mutex::new(FaultState { rules: Vec::new() }),
+            state: Mutex::new(FaultState {
+                rules: Vec::new(),
+                release_epoch: 0,
+            }),
+            stalled: parking_lot::Condvar::new(),
             injected: AtomicU64::new(0),
         }
     }
+    /// Fail the operations `f` matches with EIO.
     pub fn add(&self, f: Fault) {
-        self.state.lock().rules.push((f, 0));
+        self.add_with(f, Effect::Eio);
     }
+    /// Give the operations `f` matches the effect `e`.
+    pub fn add_with(&self, f: Fault, e: Effect) {
+        self.state.lock().rules.push((f, e, 0));
+    }
+    /// Remove every rule and let stalled operations go on.
     pub fn clear(&self) {
         self.state.lock().rules.clear();
+        self.release();
+    }
+    /// Let the operations blocked by [`Effect::Stall`] go on.
+    pub fn release(&self) {
+        self.state.lock().release_epoch += 1;
+        self.stalled.notify_all();
     }
     /// How many operations were failed so far.
     pub fn injected(&self) -> u64 {
@@ -66,10 +102,13 @@ impl<D: BlockDev> FaultyDev<D> {
         &self.inner
     }
 
-    fn check(&self, kind: OpKind, offset: u64, len: u64) -> io::Result<()> {
+    /// The effect for this operation, if a rule matches (stalls are
+    /// waited out here and count as no effect).
+    fn effect(&self, kind: OpKind, offset: u64, len: u64) -> Option<Effect> {
         let mut st = self.state.lock();
-        let mut fail = false;
-        for (rule, seen) in st.rules.iter_mut() {
+        let mut hit: Option<Effect> = None;
+        for (rule, effect, seen) in st.rules.iter_mut() {
+            let mut fail = false;
             let matches_kind = |k: OpKind| k == OpKind::Any || k == kind;
             match rule {
                 Fault::Range {
@@ -95,12 +134,37 @@ impl<D: BlockDev> FaultyDev<D> {
                     }
                 }
             }
+            if fail && hit.is_none() {
+                hit = Some(*effect);
+            }
         }
-        if fail {
+        if hit.is_some() {
             self.injected.fetch_add(1, Ordering::Relaxed);
-            return Err(injected());
         }
-        Ok(())
+        if hit == Some(Effect::Stall) {
+            let epoch = st.release_epoch;
+            while st.release_epoch == epoch {
+                self.stalled.wait(&mut st);
+            }
+            return None;
+        }
+        hit
+    }
+
+    /// Fail (or panic) if a rule says so.
+    fn check(&self, kind: OpKind, offset: u64, len: u64) -> io::Result<()> {
+        match self.effect(kind, offset, len) {
+            None => Ok(()),
+            Some(e) => Err(Self::failure(e)),
+        }
+    }
+
+    fn failure(e: Effect) -> io::Error {
+        match e {
+            Effect::Enospc => io::Error::from_raw_os_error(libc::ENOSPC),
+            Effect::Panic => panic!("FaultyDev: injected panic"),
+            Effect::Eio | Effect::Short | Effect::Stall => injected(),
+        }
     }
 }
 
@@ -116,8 +180,17 @@ impl<D: BlockDev> BlockDev for FaultyDev<D> {
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64, flags: WriteFlags) -> io::Result<()> {
-        self.check(OpKind::Write, offset, buf.len() as u64)?;
-        self.inner.write_at(buf, offset, flags)
+        match self.effect(OpKind::Write, offset, buf.len() as u64) {
+            None => self.inner.write_at(buf, offset, flags),
+            Some(Effect::Short) => {
+                let part = (buf.len() / 2) & !511;
+                if part > 0 {
+                    self.inner.write_at(&buf[..part], offset, flags)?;
+                }
+                Err(injected())
+            }
+            Some(e) => Err(Self::failure(e)),
+        }
     }
     fn flush(&self) -> io::Result<()> {
         self.check(OpKind::Flush, 0, 0)?;

@@ -15,7 +15,7 @@
 //! (pipelined; `merge_loop` argues why that is crash-safe).
 
 use super::origin::Origin;
-use super::snapshot::{pieces, submit_copies, Snapshot};
+use super::snapshot::{pieces, MergeMap, Snapshot};
 use super::SnapError;
 use crate::device::DevError;
 use crate::io::{DevRef, WriteFlags};
@@ -65,12 +65,6 @@ pub const MERGE_BATCH_ENV: &str = "DMSNAP_MERGE_BATCH_CHUNKS";
 /// for tests that must observe a merge in progress (the pipelined merge of
 /// a small snapshot is over in milliseconds even one run per step).
 pub const MERGE_STEP_DELAY_ENV: &str = "DMSNAP_MERGE_STEP_DELAY_MS";
-
-/// Is origin chunk `c` in one of `runs` (`(first, n)`, sorted, disjoint)?
-fn in_runs(runs: &[(u64, u64)], c: u64) -> bool {
-    let k = runs.partition_point(|r| r.0 <= c);
-    k > 0 && runs.get(k - 1).is_some_and(|&(f, n)| c < f + n)
-}
 
 /// One run of a batch: origin chunks `first_old..first_old + n` take COW
 /// chunks `first_new..first_new + n`; `off`/`len`: its origin bytes (the
@@ -200,14 +194,29 @@ pub(crate) struct MergeCtl {
     status: Option<MergeStatus>,
     thread: Option<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
+    /// A `start_merge` is between its checks and its thread's start (it
+    /// waits for the snapshot's I/O with `merge` released).
+    starting: bool,
     /// [`Origin::set_merge_batch_chunks`].
     batch_chunks: Option<u64>,
+}
+
+/// Clears `MergeCtl::starting` when `start_merge` returns, however.
+struct Starting<'a>(&'a Origin);
+
+impl Drop for Starting<'_> {
+    fn drop(&mut self) {
+        self.0.merge.lock().starting = false;
+    }
 }
 
 impl Origin {
     /// Start merging snapshot `name` into the origin (or resume a stopped
     /// merge of it). From the return on, the origin reads and writes as the
-    /// snapshot; the snapshot's own device answers `Gone`.
+    /// snapshot; the snapshot's own device answers `Gone`. The `merge` lock
+    /// is held only for checks and bookkeeping, never across a wait: the
+    /// waits here (an earlier merge thread's end, the snapshot's I/O, its
+    /// last sync job) have wakers that may take `merge`.
     pub fn start_merge(self: &Arc<Self>, name: &str) -> Result<(), SnapError> {
         let snap = self
             .snapshot(name)
@@ -217,39 +226,42 @@ impl Origin {
                 "only persistent (P/PO) snapshots can be merged".into(),
             ));
         }
-        let mut ctl = self.merge.lock();
-        if let Some(m) = self.merging.read().as_ref() {
-            if !Arc::ptr_eq(m, &snap) {
+        let old_thread = {
+            let mut ctl = self.merge.lock();
+            if ctl.starting {
                 return Err(SnapError::AlreadyMerging);
             }
-            if ctl.thread.as_ref().is_some_and(|t| !t.is_finished()) {
-                return Err(SnapError::AlreadyMerging);
+            if let Some(m) = self.merging.read().as_ref() {
+                if !Arc::ptr_eq(m, &snap) {
+                    return Err(SnapError::AlreadyMerging);
+                }
+                if ctl.thread.as_ref().is_some_and(|t| !t.is_finished()) {
+                    return Err(SnapError::AlreadyMerging);
+                }
             }
-        }
-        {
-            let i = snap.inner.lock();
-            if !i.valid {
+            if !snap.is_valid() {
                 return Err(SnapError::NotMergeable("the snapshot is invalid".into()));
             }
+            ctl.starting = true;
+            ctl.thread.take()
+        };
+        let _starting = Starting(self);
+        if let Some(t) = old_thread {
+            let _ = t.join();
         }
         {
             // The switch: no origin write in flight, none starts meanwhile.
             let _g = self.gate.write();
-            snap.inner.lock().merging = true;
+            snap.set_merging();
             *self.merging.write() = Some(snap.clone());
         }
         // Its own device I/O and pending exceptions drain, and every
         // record is durable (the merge works on durable records only).
         snap.wait_idle();
         let _ = snap.sync_all();
-        {
-            let mut i = snap.inner.lock();
-            i.merge_failed = false;
-        }
-        if let Some(t) = ctl.thread.take() {
-            let _ = t.join();
-        }
+        snap.clear_merge_failed();
         let total = snap.nr_exceptions();
+        let mut ctl = self.merge.lock();
         ctl.status = Some(MergeStatus {
             name: name.to_string(),
             chunk_size: snap.chunk_size(),
@@ -266,7 +278,7 @@ impl Origin {
                 .name(format!("dmsnap-merge-{name}"))
                 .spawn(move || {
                     if let Some(o) = origin.upgrade() {
-                        o.merge_loop(&snap, &stop);
+                        o.run_merge(&snap, &stop);
                     }
                 })
                 .map_err(|source| SnapError::Io {
@@ -274,15 +286,15 @@ impl Origin {
                     source,
                 })?,
         );
+        drop(ctl);
         tracing::info!(snapshot = name, chunks = total, "merge started");
         Ok(())
     }
 
     pub fn merge_status(&self) -> Option<MergeStatus> {
-        let ctl = self.merge.lock();
-        let mut st = ctl.status.clone()?;
+        let mut st = self.merge.lock().status.clone()?;
         if let Some(m) = self.merging.read().as_ref() {
-            if m.name() == st.name {
+            if m.name() == st.name && !st.done {
                 st.chunks_left = m.nr_exceptions();
             }
         }
@@ -334,7 +346,8 @@ impl Origin {
     }
 
     /// Stop the merge thread (shutdown). The origin keeps showing the
-    /// snapshot; `start_merge` of the same snapshot resumes.
+    /// snapshot; `start_merge` of the same snapshot resumes. The thread is
+    /// joined with `merge` released (it takes `merge` to report).
     pub fn stop_merge(&self) {
         let t = {
             let mut ctl = self.merge.lock();
@@ -342,7 +355,7 @@ impl Origin {
             ctl.thread.take()
         };
         if let Some(m) = self.merging.read().as_ref() {
-            m.cond.notify_all();
+            m.wake();
         }
         if let Some(t) = t {
             let _ = t.join();
@@ -365,13 +378,20 @@ impl Origin {
 
     fn merge_fail(&self, snap: &Snapshot, why: String) {
         tracing::error!(snapshot = snap.name(), error = %why, "merge failed");
-        {
-            let mut i = snap.inner.lock();
-            i.merge_failed = true;
-            i.merging_runs = Vec::new();
-        }
-        snap.cond.notify_all();
+        snap.set_merge_failed();
         self.set_merge_result(Some(why), false);
+    }
+
+    /// The merge thread's body: [`merge_loop`](Self::merge_loop), with a
+    /// panic in it (a bug, or a device that panicked in a copy thread)
+    /// turned into a failed merge, which releases every chunk published
+    /// as merging: writes waiting for a batch get on.
+    fn run_merge(self: &Arc<Self>, snap: &Arc<Snapshot>, stop: &AtomicBool) {
+        let r =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.merge_loop(snap, stop)));
+        if r.is_err() {
+            self.merge_fail(snap, "a panic in the merge thread".into());
+        }
     }
 
     /// `snapshot_merge_next_chunks` until the store is empty, batched and
@@ -396,13 +416,15 @@ impl Origin {
     /// are published as merging until their batch is committed, and the
     /// other snapshots' exceptions for a batch are triggered before any of
     /// its copies, as for a lone batch.
+    ///
+    /// The merge thread never takes the origin's gate: snapshots cannot be
+    /// added while a merge runs, and a removed one triggers nothing.
     fn merge_loop(self: &Arc<Self>, snap: &Arc<Snapshot>, stop: &AtomicBool) {
         let cs = snap.chunk_size();
-        let pipelined = {
-            let mut c = snap.commit.lock();
-            c.store.abandon_merge_batches();
-            c.store.queues_merge_batches()
-        };
+        let pipelined = snap.with_store(|s| {
+            s.abandon_merge_batches();
+            s.queues_merge_batches()
+        });
         // The batch copied back and not yet durable.
         let mut copied: Option<Batch> = None;
         let step_delay = std::env::var(MERGE_STEP_DELAY_ENV)
@@ -414,7 +436,7 @@ impl Origin {
                 std::thread::sleep(d);
             }
             let stopping = stop.load(Ordering::Acquire);
-            if !stopping && !snap.inner.lock().valid {
+            if !stopping && !snap.is_valid() {
                 return self.merge_fail(snap, "Snapshot is invalid: can't merge".into());
             }
             if stopping || !pipelined {
@@ -429,7 +451,7 @@ impl Origin {
                 }
             }
             let budget = self.merge_batch_chunks(cs);
-            let next = snap.commit.lock().store.prepare_merge_batch(budget);
+            let next = snap.with_store(|s| s.prepare_merge_batch(budget));
             let runs = match next {
                 Ok(b) if b.is_empty() => {
                     if let Some(b) = copied.take() {
@@ -445,7 +467,7 @@ impl Origin {
                     return self.merge_fail(snap, format!("reading the exception store: {e}"))
                 }
             };
-            let batch = match self.stage_batch(snap, runs, copied.as_ref()) {
+            let batch = match self.stage_batch(snap, runs, copied.as_ref(), stop) {
                 Ok(b) => b,
                 Err(why) => return self.merge_fail(snap, why),
             };
@@ -496,6 +518,7 @@ impl Origin {
         snap: &Snapshot,
         batch: Vec<(Chunk, Chunk, u64)>,
         prev: Option<&Batch>,
+        stop: &AtomicBool,
     ) -> Result<Batch, String> {
         let cs = snap.chunk_size();
         let mut runs = Vec::with_capacity(batch.len());
@@ -521,37 +544,32 @@ impl Origin {
             nr += n;
         }
         // Exceptions on disk must be in memory too.
-        {
-            let i = snap.inner.lock();
-            for r in &runs {
-                for k in 0..r.n {
-                    if i.table.lookup(Chunk(r.first_old + k)) != Some(Chunk(r.first_new + k)) {
-                        return Err(format!(
-                            "Corruption detected: exception for block {} is on disk but not in memory",
-                            r.first_old + k
-                        ));
-                    }
-                }
-            }
+        let check: Vec<(u64, u64, u64)> = runs
+            .iter()
+            .map(|r| (r.first_old, r.first_new, r.n))
+            .collect();
+        if let Err(c) = snap.check_runs_in_table(&check) {
+            return Err(format!(
+                "Corruption detected: exception for block {c} is on disk but not in memory"
+            ));
         }
         let published = coalesce(runs.iter().map(|r| (r.first_old, r.n)).collect());
-        let _g = self.gate.read();
         // 1. Other snapshots keep their content: trigger their exceptions
         // for every run as origin writes would.
-        let snaps = self.snapshots();
+        let snaps: Vec<Arc<Snapshot>> = self
+            .snapshots()
+            .into_iter()
+            .filter(|s| !std::ptr::eq(s.as_ref(), snap))
+            .collect();
         let ranges: Vec<(u64, u64)> = runs.iter().map(|r| (r.off, r.len)).collect();
-        self.trigger_ranges_and_wait(&snaps, &ranges);
+        Snapshot::trigger_and_wait(&self.copier, &self.dev, &snaps, &ranges);
         // 2. Publish the batch (with the one being made durable), wait for
         // writes in flight to it.
-        let mut i = snap.inner.lock();
         let mut both = published.clone();
         if let Some(p) = prev {
             both.extend_from_slice(&p.published);
         }
-        i.merging_runs = coalesce(both);
-        while i.merge_writes.keys().any(|&c| in_runs(&i.merging_runs, c)) {
-            snap.cond.wait(&mut i);
-        }
+        snap.publish_merge_batch(coalesce(both), &|| stop.load(Ordering::Acquire));
         Ok(Batch {
             runs,
             nr,
@@ -572,48 +590,11 @@ impl Origin {
         self.dev
             .flush()
             .map_err(|e| format!("flushing the origin: {e}"))?;
-        snap.commit
-            .lock()
-            .store
-            .commit_merge_batch(b.nr)
+        snap.with_store(|s| s.commit_merge_batch(b.nr))
             .map_err(|e| format!("committing the merge: {e}"))?;
-        {
-            let mut i = snap.inner.lock();
-            for r in &b.runs {
-                i.table.remove_range(Chunk(r.first_old), r.n);
-            }
-            i.merging_runs = still;
-        }
-        snap.cond.notify_all();
+        let merged: Vec<(u64, u64)> = b.runs.iter().map(|r| (r.first_old, r.n)).collect();
+        snap.release_merge_batch(&merged, still);
         Ok(())
-    }
-
-    /// The COW trigger for several byte ranges at once: every copy is
-    /// started before waiting for any (see `trigger_and_wait`). Caller holds
-    /// the gate shared.
-    fn trigger_ranges_and_wait(&self, snaps: &[Arc<Snapshot>], ranges: &[(u64, u64)]) {
-        if snaps.is_empty() {
-            return;
-        }
-        let mut items = Vec::new();
-        let mut waits = Vec::new();
-        for s in snaps {
-            let scs = s.chunk_size();
-            for &(offset, len) in ranges.iter().filter(|r| r.1 > 0) {
-                let first = scs.chunk_of_byte(offset).0;
-                let last = scs.chunk_of_byte(offset + len - 1).0;
-                items.extend(s.trigger(first, last));
-                waits.push((s, first, last));
-            }
-        }
-        submit_copies(&self.copier, &self.dev, items);
-        for &(s, first, last) in &waits {
-            s.wait_range(first, last);
-        }
-        // Their records must be durable before the origin is overwritten
-        // (an invalid snapshot no longer holds the origin back, as in the
-        // kernel: its error is ignored).
-        Snapshot::sync_ranges(&waits);
     }
 
     /// Exceptions per merge step: the limit set by
@@ -645,121 +626,60 @@ impl Origin {
         buf: &mut [u8],
         offset: u64,
     ) -> Result<(), DevError> {
-        let cs = snap.chunk_size();
-        let mut segs: Vec<(bool, u64, usize, usize)> = Vec::new();
-        {
-            let i = snap.inner.lock();
-            for (c, in_chunk, bo, n) in pieces(cs, offset, buf.len() as u64) {
-                let cow = if i.valid {
-                    i.table.lookup(Chunk(c))
-                } else {
-                    None
-                };
-                let (to_cow, dev_off) = match cow {
-                    Some(new) => (true, cs.chunk_to_byte(new) + in_chunk),
-                    None => (false, offset + bo as u64),
-                };
-                match segs.last_mut() {
-                    Some(l) if l.0 == to_cow && l.1 + l.3 as u64 == dev_off => l.3 += n,
-                    _ => segs.push((to_cow, dev_off, bo, n)),
-                }
-            }
-        }
-        for (to_cow, dev_off, bo, n) in segs {
-            let dev = if to_cow { &snap.cow } else { &self.dev };
-            dev.read_at(&mut buf[bo..bo + n], dev_off)?;
+        for s in snap.map_merge_read(offset, buf.len() as u64) {
+            let dev = if s.to_cow { &snap.cow } else { &self.dev };
+            dev.read_at(&mut buf[s.buf_off..s.buf_off + s.len], s.dev_off)?;
         }
         Ok(())
     }
 
     /// A write to the origin while merging: chunks with an exception go to
-    /// the COW (tracked; writes into the run being merged wait for its
-    /// commit, then go to the origin); the rest go to the origin through the
-    /// COW trigger of the other snapshots. Caller holds the gate shared.
+    /// the COW (tracked until written); the rest go to the origin through
+    /// the COW trigger of the other snapshots. `Ok(None)`: a chunk of it is
+    /// in a batch being merged; the caller waits for the batch with the
+    /// gate released ([`Snapshot::wait_merge_runs`]) and retries. Caller
+    /// holds the gate shared.
     pub(crate) fn merge_write(
         &self,
         snap: &Snapshot,
         buf: &[u8],
         offset: u64,
         fua: bool,
-    ) -> Result<(), DevError> {
-        let cs = snap.chunk_size();
-        let ps = pieces(cs, offset, buf.len() as u64);
-        let mut cow_segs: Vec<(u64, usize, usize)> = Vec::new();
-        let mut origin_segs: Vec<(u64, usize, usize)> = Vec::new();
-        let mut tracked = Vec::new();
-        {
-            let mut i = snap.inner.lock();
-            let mut waited = false;
-            loop {
-                let busy = ps.iter().any(|p| in_runs(&i.merging_runs, p.0));
-                if !busy {
-                    break;
-                }
-                waited = true;
-                snap.cond.wait(&mut i);
-            }
-            if waited && i.merge_failed {
-                return Err(DevError::MergeFailed);
-            }
-            for &(c, in_chunk, bo, n) in &ps {
-                let cow = if i.valid {
-                    i.table.lookup(Chunk(c))
-                } else {
-                    None
-                };
-                match cow {
-                    Some(new) => {
-                        *i.merge_writes.entry(c).or_insert(0) += 1;
-                        tracked.push(c);
-                        cow_segs.push((cs.chunk_to_byte(new) + in_chunk, bo, n));
-                    }
-                    None => match origin_segs.last_mut() {
-                        Some(l) if l.1 + l.2 == bo => l.2 += n,
-                        _ => origin_segs.push((offset + bo as u64, bo, n)),
-                    },
-                }
-            }
+    ) -> Result<Option<()>, DevError> {
+        let ps = pieces(snap.chunk_size(), offset, buf.len() as u64);
+        let (cow, origin, tracked) = match snap.map_merge_write(&ps, offset) {
+            MergeMap::Busy => return Ok(None),
+            MergeMap::Mapped {
+                cow,
+                origin,
+                tracked,
+            } => (cow, origin, tracked),
+        };
+        for &(dev_off, bo, n) in &cow {
+            snap.cow
+                .write_at(&buf[bo..bo + n], dev_off, WriteFlags { fua })?;
         }
-        let mut res: Result<(), DevError> = Ok(());
-        for &(dev_off, bo, n) in &cow_segs {
-            if let Err(e) = snap
-                .cow
-                .write_at(&buf[bo..bo + n], dev_off, WriteFlags { fua })
-            {
-                res = Err(e.into());
-                break;
-            }
-        }
-        if !tracked.is_empty() {
-            let mut i = snap.inner.lock();
-            for c in tracked {
-                if let Some(k) = i.merge_writes.get_mut(&c) {
-                    *k -= 1;
-                    if *k == 0 {
-                        i.merge_writes.remove(&c);
-                    }
-                }
-            }
-            drop(i);
-            snap.cond.notify_all();
-        }
-        res?;
-        if !origin_segs.is_empty() {
-            let snaps = self.snapshots();
-            for &(dev_off, bo, n) in &origin_segs {
-                self.trigger_and_wait(&snaps, dev_off, n as u64);
+        drop(tracked);
+        if !origin.is_empty() {
+            let snaps: Vec<Arc<Snapshot>> = self
+                .snapshots()
+                .into_iter()
+                .filter(|s| !std::ptr::eq(s.as_ref(), snap))
+                .collect();
+            for &(dev_off, bo, n) in &origin {
+                Snapshot::trigger_and_wait(&self.copier, &self.dev, &snaps, &[(dev_off, n as u64)]);
                 self.dev
                     .write_at(&buf[bo..bo + n], dev_off, WriteFlags { fua })?;
             }
         }
-        Ok(())
+        Ok(Some(()))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{coalesce, in_runs, plan_reads, Run};
+    use super::super::snapshot::in_runs;
+    use super::{coalesce, plan_reads, Run};
     use crate::units::ChunkSize;
     use rand::{Rng, SeedableRng};
 

@@ -2,7 +2,7 @@
 //! the COW trigger every origin write goes through.
 
 use super::merge::MergeCtl;
-use super::snapshot::{submit_copies, write_zeroes_via, Snapshot};
+use super::snapshot::{pieces, write_zeroes_via, Snapshot};
 use super::SnapError;
 use crate::copier::{Copier, DEFAULT_MAX_JOBS, DEFAULT_WORKERS};
 use crate::device::{check_request, DevError, Device};
@@ -173,7 +173,7 @@ impl Origin {
                 *self.merging.write() = None;
             }
         }
-        snap.inner.lock().gone = true;
+        snap.set_gone();
         snap.wait_idle();
         // Its last records too (an invalid snapshot has none to write).
         let _ = snap.sync_all();
@@ -220,50 +220,49 @@ impl Origin {
         }
     }
 
-    /// The COW trigger (`__origin_write` for every snapshot): start the
-    /// copies origin bytes `[offset, offset+len)` need, read once for all
-    /// snapshots, and wait until every copy and record is durable and no
-    /// snapshot read of those chunks is still on the origin. Caller holds
-    /// the gate shared.
-    pub(crate) fn trigger_and_wait(&self, snaps: &[Arc<Snapshot>], offset: u64, len: u64) {
-        if len == 0 || snaps.is_empty() {
-            return;
-        }
-        let mut items = Vec::new();
-        let mut waits = Vec::with_capacity(snaps.len());
-        for s in snaps {
-            let cs = s.chunk_size();
-            let first = cs.chunk_of_byte(offset).0;
-            let last = cs.chunk_of_byte(offset + len - 1).0;
-            items.extend(s.trigger(first, last));
-            waits.push((s, first, last));
-        }
-        submit_copies(&self.copier, &self.dev, items);
-        for &(s, first, last) in &waits {
-            s.wait_range(first, last);
-        }
-        // Their records must be durable before the origin is overwritten
-        // (an invalid snapshot no longer holds the origin back, as in the
-        // kernel: its error is ignored).
-        Snapshot::sync_ranges(&waits);
-    }
-
     fn merging_snapshot(&self) -> Option<Arc<Snapshot>> {
         self.merging.read().clone()
     }
 
     /// Every origin write: under the gate (so a merge cannot start between
-    /// choosing the path and writing), through the merge map while merging,
-    /// else through the COW trigger.
+    /// choosing the path and writing, and a snapshot added meanwhile sees
+    /// all of it or none), through the merge map while merging, else
+    /// through the COW trigger. The waits under the gate are those of the
+    /// trigger (copies, sync jobs, tracked reads), which never need the
+    /// gate; a write into a batch being merged waits for the batch with
+    /// the gate **released**, since the merge thread must get on to end
+    /// it, and a queued exclusive taker (a snapshot removal) would
+    /// otherwise stop both.
     pub(crate) fn write_inner(&self, buf: &[u8], offset: u64, fua: bool) -> Result<(), DevError> {
-        let _g = self.gate.read();
-        if let Some(m) = self.merging_snapshot() {
-            return self.merge_write(&m, buf, offset, fua);
+        loop {
+            let g = self.gate.read();
+            if let Some(m) = self.merging_snapshot() {
+                match self.merge_write(&m, buf, offset, fua)? {
+                    Some(()) => return Ok(()),
+                    None => {
+                        drop(g);
+                        let cs = m.chunk_size();
+                        let chunks: Vec<u64> = pieces(cs, offset, buf.len() as u64)
+                            .iter()
+                            .map(|p| p.chunk)
+                            .collect();
+                        if m.wait_merge_runs(&chunks) {
+                            return Err(DevError::MergeFailed);
+                        }
+                        continue;
+                    }
+                }
+            }
+            let snaps = self.snaps.read().clone();
+            Snapshot::trigger_and_wait(
+                &self.copier,
+                &self.dev,
+                &snaps,
+                &[(offset, buf.len() as u64)],
+            );
+            self.dev.write_at(buf, offset, WriteFlags { fua })?;
+            return Ok(());
         }
-        let snaps = self.snaps.read().clone();
-        self.trigger_and_wait(&snaps, offset, buf.len() as u64);
-        self.dev.write_at(buf, offset, WriteFlags { fua })?;
-        Ok(())
     }
 }
 
@@ -299,12 +298,10 @@ impl Device for Origin {
     /// of the origin leaves nothing acknowledged in a cache.
     fn flush(&self) -> Result<(), DevError> {
         self.dev.flush()?;
+        // A snapshot's failure is the snapshot's: it is invalidated (as a
+        // failed copy would), the origin's flush succeeds.
         for s in self.snapshots() {
-            match s.sync_all() {
-                Ok(()) | Err(DevError::Invalid) => {}
-                Err(e) => return Err(e),
-            }
-            s.cow.flush()?;
+            s.flush_for_origin();
         }
         Ok(())
     }

@@ -145,6 +145,10 @@ pub enum StoreError {
     Invalid,
     #[error("this store type cannot merge (only persistent stores can)")]
     MergeUnsupported,
+    /// A panic in the store's I/O (a bug, or a device that panicked), caught
+    /// so that the waiters get an error instead of a hang.
+    #[error("a panic while {0}")]
+    Panicked(&'static str),
 }
 
 /// Called once a committed exception is durable (`true`) or has failed (`false`).

@@ -11,8 +11,13 @@
 //!   number), [`read_all`] (a whole `Device`), [`CountFlushes`] (a device
 //!   wrapper counting flushes).
 //!
+//! - [`watchdog::watched`]: run a call under a watchdog that, after 10 s,
+//!   prints every thread's stack and aborts (a hang fails the test).
+//!
 //! Not every test file uses every helper.
 #![allow(dead_code)]
+
+pub mod watchdog;
 
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;

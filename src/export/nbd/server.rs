@@ -1004,7 +1004,14 @@ fn worker(conn: &Conn, rx: &Receiver<Job>) {
     while let Ok(job) = rx.recv() {
         let held = job.held;
         if !conn.dead.load(Ordering::Relaxed) {
-            run(conn, job);
+            // A panic in a device call (a bug) answers that request with
+            // EIO; the connection and its other requests go on.
+            let req = job.req;
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(conn, job)));
+            if r.is_err() {
+                tracing::error!(cookie = req.cookie, "a panic while serving a request");
+                conn.reply(&req, errno::EIO, "internal error");
+            }
         }
         conn.in_flight.release(held);
     }
