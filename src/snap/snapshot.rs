@@ -97,6 +97,8 @@ pub struct Snapshot {
     durable_writes: bool,
     pub(crate) inner: Mutex<Inner>,
     pub(crate) cond: Condvar,
+    /// Write spans and block-status fences (`extents.rs`).
+    pub(crate) fences: super::extents::Fences,
 }
 
 /// A pending exception whose copy must be started: origin chunk `old` →
@@ -208,6 +210,7 @@ impl Snapshot {
                 active_io: 0,
             }),
             cond: Condvar::new(),
+            fences: Default::default(),
         })
     }
 
@@ -654,6 +657,8 @@ impl Snapshot {
 
     fn write_snapshot(&self, buf: &[u8], offset: u64, fua: bool) -> Result<(), DevError> {
         check_request(offset, buf.len() as u64, self.origin_size)?;
+        // Before any lock: a block-status fence may hold this write back.
+        let _span = self.fences.write(offset, buf.len() as u64);
         let cs = self.chunk_size;
         let ps = pieces(cs, offset, buf.len() as u64);
         let mut create = Vec::new();
