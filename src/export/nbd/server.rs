@@ -624,6 +624,10 @@ fn serve_connection(sh: &Arc<Shared>, stream: Stream) -> Result<(), ConnError> {
     transmission(sh, reader, writer, export, structured, contexts)
 }
 
+/// What the handshake settled: the export, structured replies, and the
+/// metadata contexts selected for it (with their ids).
+type Negotiated = (Export, bool, Vec<(u32, MetaContext)>);
+
 /// Contexts selected with `NBD_OPT_SET_META_CONTEXT`: for which export,
 /// and `(id, context)` pairs.
 type Selected = Option<(String, Vec<(u32, MetaContext)>)>;
@@ -699,7 +703,7 @@ fn handshake(
     sh: &Shared,
     r: &mut BufReader<Stream>,
     w: &mut Stream,
-) -> Result<Option<(Export, bool, Vec<(u32, MetaContext)>)>, ConnError> {
+) -> Result<Option<Negotiated>, ConnError> {
     let server_flags = handshake::FIXED_NEWSTYLE | handshake::NO_ZEROES;
     w.write_all(&proto::encode_greeting(server_flags))?;
     let mut cf = [0u8; 4];
