@@ -531,3 +531,42 @@ fn a_chunk_reported_clean_does_not_change_while_writers_run() {
         "nothing was ever clean: the test proves nothing"
     );
 }
+
+#[test]
+fn a_stream_of_overlapping_answers_does_not_starve_a_writer() {
+    let (origin, _snaps) = pool(1 << 20, &[4096]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let ctx = [MetaContext::DirtyBitmap("s1".into())];
+    // Two threads keep a fence over the first 64 KiB at all times.
+    let queriers: Vec<_> = (0..2)
+        .map(|_| {
+            let (origin, stop, ctx) = (origin.clone(), stop.clone(), ctx.clone());
+            std::thread::spawn(move || {
+                let dev = ExportDevice::origin(origin);
+                while !stop.load(Ordering::Relaxed) {
+                    let bs = dev.block_status(0, 64 * 1024, &ctx, 100).unwrap();
+                    std::thread::sleep(Duration::from_millis(20));
+                    drop(bs);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(50));
+    let o = origin.clone();
+    let t = Instant::now();
+    let (done, h) = finishes_within(
+        move || {
+            for i in 0..5u64 {
+                o.write_at(&[3u8; 4096], i * 4096, false).unwrap();
+            }
+        },
+        Duration::from_secs(10),
+    );
+    stop.store(true, Ordering::Relaxed);
+    for q in queriers {
+        q.join().unwrap();
+    }
+    assert!(done, "the writer starved behind overlapping answers");
+    h.join().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+}

@@ -26,7 +26,9 @@
 //! already inside the range to end, computes, and hands the fence guard to
 //! the caller, who drops it once the reply is sent. A write overlapping a
 //! fence waits for it before it starts (holding no engine lock), so no
-//! chunk reported clean can change before the reply is out. The NBD server
+//! chunk reported clean can change before the reply is out. Writers go
+//! first: a new fence over a waiting writer waits for it (no starvation by
+//! a stream of queries); devices are fenced in address order (no cycle). The NBD server
 //! bounds the time a fence is held by a send timeout (then it cuts the
 //! connection), so a client that stops reading cannot stall writers for
 //! long. Writers outside the fenced range never wait.
@@ -65,6 +67,10 @@ struct FenceState {
     writes: Vec<(u64, u64, u64)>,
     /// `(id, start, end)` of block-status answers not yet delivered.
     fences: Vec<(u64, u64, u64)>,
+    /// `(id, start, end)` of writes waiting for a fence: new fences over
+    /// them wait (writers first), so a stream of overlapping queries
+    /// cannot starve a writer.
+    waiting: Vec<(u64, u64, u64)>,
     /// Threads waiting on `cond` (skip the notify when none).
     waiters: usize,
 }
@@ -135,21 +141,37 @@ impl Fences {
         let end = offset.saturating_add(len.max(1));
         let f = &*self.inner;
         let mut st = f.st.lock();
-        while overlaps(&st.fences, offset, end) {
-            st.waiters += 1;
-            f.cond.wait(&mut st);
-            st.waiters -= 1;
-        }
         let id = st.next_id;
         st.next_id += 1;
+        if overlaps(&st.fences, offset, end) {
+            st.waiting.push((id, offset, end));
+            while overlaps(&st.fences, offset, end) {
+                st.waiters += 1;
+                f.cond.wait(&mut st);
+                st.waiters -= 1;
+            }
+            FenceState::remove(&mut st.waiting, id);
+            // Fences held back by this writer may go on (they then wait
+            // for it as a write in flight).
+            if st.waiters > 0 {
+                f.cond.notify_all();
+            }
+        }
         st.writes.push((id, offset, end));
         WriteSpan { f, id }
     }
 
-    /// Put a fence over `[start, end)` (does not wait; see
-    /// [`FenceGuard::wait_writes`]).
+    /// Put a fence over `[start, end)`, after the writers already waiting
+    /// for an older fence over it (see [`FenceGuard::wait_writes`] for the
+    /// writes in flight).
     fn fence(&self, start: u64, end: u64) -> FenceGuard {
-        let mut st = self.inner.st.lock();
+        let f = &*self.inner;
+        let mut st = f.st.lock();
+        while overlaps(&st.waiting, start, end) {
+            st.waiters += 1;
+            f.cond.wait(&mut st);
+            st.waiters -= 1;
+        }
         let id = st.next_id;
         st.next_id += 1;
         st.fences.push((id, start, end));
@@ -163,8 +185,13 @@ impl Fences {
 
     /// Fence `[start, end)` on every one of `devs`, then wait for the writes
     /// already inside it on each (all fences first, so no device's writers
-    /// can slip in while another's are awaited).
+    /// can slip in while another's are awaited). Devices are fenced in one
+    /// global order (their address): a registration may wait for writers
+    /// that wait for older fences, and the order rules out a cycle.
     fn fence_all(devs: &[&Fences], start: u64, end: u64) -> Vec<FenceGuard> {
+        let mut devs = devs.to_vec();
+        devs.sort_by_key(|f| Arc::as_ptr(&f.inner) as usize);
+        devs.dedup_by_key(|f| Arc::as_ptr(&f.inner) as usize);
         let guards: Vec<FenceGuard> = devs.iter().map(|f| f.fence(start, end)).collect();
         for g in &guards {
             g.wait_writes();
