@@ -566,3 +566,76 @@ fn a_client_that_stops_reading_does_not_hold_writers_back_for_long() {
     assert!(total < 12 * MIB as usize, "every reply arrived: not cut");
     f.server.shutdown();
 }
+
+#[test]
+fn wire_answers_equal_the_engine_answers_for_random_requests() {
+    use dmsnap::device::MetaContext;
+    use rand::{Rng, SeedableRng};
+    let f = served(ServerOptions {
+        max_block_status_extents: 7,
+        ..ServerOptions::default()
+    });
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let s1 = f.origin.snapshot("s1").unwrap();
+    for _ in 0..200 {
+        let off = rng.gen_range(0..8 * MIB - 4096) & !511;
+        let len = rng.gen_range(1..64 * 1024u64).min(8 * MIB - off);
+        let buf = vec![rng.gen::<u8>() | 1; len as usize];
+        if rng.gen_bool(0.3) {
+            s1.write_at(&buf, off, false).unwrap();
+        } else {
+            f.origin.write_at(&buf, off, false).unwrap();
+        }
+    }
+    for export in ["origin", "s1"] {
+        let mut c = Raw::connect(&f.sock);
+        c.option(opt::STRUCTURED_REPLY, &[]);
+        assert_eq!(c.replies()[0].0, rep::ACK);
+        let set = c.meta(
+            opt::SET_META_CONTEXT,
+            export,
+            &[
+                "base:allocation",
+                "qemu:allocation-depth",
+                "qemu:dirty-bitmap:s1",
+            ],
+        );
+        assert_eq!(set.len(), 3);
+        c.go(export);
+        let dev: Box<dyn Device> = match export {
+            "origin" => Box::new(ExportDevice::origin(f.origin.clone())),
+            _ => Box::new(ExportDevice::snapshot(f.origin.clone(), s1.clone())),
+        };
+        for cookie in 0..100u64 {
+            let off = rng.gen_range(0..8 * MIB - 512) & !511;
+            let len = rng.gen_range(1..8 * MIB - off + 1);
+            let one = rng.gen_bool(0.3);
+            let flags = if one { cmd_flags::REQ_ONE } else { 0 };
+            c.request(cmd::BLOCK_STATUS, flags, cookie, off, len as u32);
+            let r = c.structured();
+            assert_eq!(r.len(), 3);
+            for (t, payload) in r {
+                assert_eq!(t, chunk::BLOCK_STATUS);
+                let (id, d) = proto::parse_block_status(&payload).unwrap();
+                let ctx =
+                    MetaContext::parse(&set.iter().find(|(i, _)| *i == id).unwrap().1).unwrap();
+                let want = dev
+                    .block_status(
+                        off,
+                        len,
+                        std::slice::from_ref(&ctx),
+                        if one { 1 } else { 7 },
+                    )
+                    .unwrap();
+                let want: Vec<(u32, u32)> = want.extents[0]
+                    .iter()
+                    .map(|e| (e.len as u32, e.flags))
+                    .collect();
+                assert_eq!(d, want, "{export} {ctx:?} at {off}+{len} (REQ_ONE {one})");
+                assert!(!d.is_empty() && (!one || d.len() == 1) && d.len() <= 7);
+                assert!(d.iter().map(|x| u64::from(x.0)).sum::<u64>() <= len);
+            }
+        }
+    }
+    f.server.shutdown();
+}
