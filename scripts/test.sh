@@ -6,9 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests drive: NBD clients (qemu-img/qemu-io, nbdinfo,
-# nbdcopy, fio), FUSE, filesystems and loop devices, zstd for fixtures,
-# gdb for the test watchdog (thread stacks of a hung test).
-PKGS=(qemu-utils libnbd-bin fio fuse3 e2fsprogs util-linux zstd gdb)
+# nbdcopy, fio; python3-libnbd for the backup recipe), FUSE, filesystems and
+# loop devices, zstd for fixtures, gdb for the test watchdog (thread stacks
+# of a hung test).
+PKGS=(qemu-utils libnbd-bin python3-libnbd fio fuse3 e2fsprogs util-linux zstd gdb)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

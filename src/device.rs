@@ -49,6 +49,85 @@ impl From<io::Error> for DevError {
     }
 }
 
+/// A metadata context of `NBD_CMD_BLOCK_STATUS` (what a client may ask a
+/// device about its extents).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum MetaContext {
+    /// `base:allocation`: flags [`STATE_HOLE`] and [`STATE_ZERO`].
+    Allocation,
+    /// `qemu:allocation-depth`: 0 unallocated, 1 this device, 2 the layer below.
+    AllocationDepth,
+    /// `qemu:dirty-bitmap:NAME`: flag [`STATE_DIRTY`] where this device may
+    /// differ from snapshot `NAME`.
+    DirtyBitmap(String),
+}
+
+/// `base:allocation`: not allocated (a write may allocate, and may fail).
+pub const STATE_HOLE: u32 = 1;
+/// `base:allocation`: reads return zeroes.
+pub const STATE_ZERO: u32 = 2;
+/// `qemu:dirty-bitmap:`: may differ from the snapshot.
+pub const STATE_DIRTY: u32 = 1;
+
+impl MetaContext {
+    pub const ALLOCATION: &'static str = "base:allocation";
+    pub const ALLOCATION_DEPTH: &'static str = "qemu:allocation-depth";
+    pub const DIRTY_BITMAP_PREFIX: &'static str = "qemu:dirty-bitmap:";
+
+    /// The context's name on the wire.
+    pub fn name(&self) -> String {
+        match self {
+            MetaContext::Allocation => Self::ALLOCATION.into(),
+            MetaContext::AllocationDepth => Self::ALLOCATION_DEPTH.into(),
+            MetaContext::DirtyBitmap(s) => format!("{}{s}", Self::DIRTY_BITMAP_PREFIX),
+        }
+    }
+
+    /// The context named `name` exactly, if it is one this crate knows.
+    pub fn parse(name: &str) -> Option<MetaContext> {
+        match name {
+            Self::ALLOCATION => Some(MetaContext::Allocation),
+            Self::ALLOCATION_DEPTH => Some(MetaContext::AllocationDepth),
+            _ => name
+                .strip_prefix(Self::DIRTY_BITMAP_PREFIX)
+                .filter(|s| !s.is_empty())
+                .map(|s| MetaContext::DirtyBitmap(s.to_string())),
+        }
+    }
+}
+
+/// One extent of a block-status answer: `len` bytes with `flags`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    pub flags: u32,
+}
+
+/// The answer to a block-status query: per context asked (in the order
+/// asked), extents from the query's offset on, adjacent ones with equal
+/// flags merged. Each list covers at least one byte and at most the range
+/// asked (fewer bytes when the extent cap was reached).
+///
+/// `guard` keeps writes that could change the answer waiting: drop it only
+/// once the answer has been delivered (the NBD server drops it after the
+/// reply is on the socket, or when the send timed out and the connection
+/// was cut).
+pub struct BlockStatus {
+    pub extents: Vec<Vec<Extent>>,
+    pub guard: Option<Box<dyn Send>>,
+}
+
+/// Append `len` bytes with `flags`, merging with the last extent.
+pub fn push_extent(v: &mut Vec<Extent>, len: u64, flags: u32) {
+    if len == 0 {
+        return;
+    }
+    match v.last_mut() {
+        Some(l) if l.flags == flags => l.len += len,
+        _ => v.push(Extent { len, flags }),
+    }
+}
+
 /// A device that clients read and write. All offsets and lengths in bytes.
 pub trait Device: Send + Sync {
     /// Size in bytes.
@@ -70,6 +149,35 @@ pub trait Device: Send + Sync {
     fn discard(&self, offset: u64, len: u64) -> Result<(), DevError>;
     /// Make the range read as zeroes.
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), DevError>;
+    /// The block-status contexts this device answers. Default:
+    /// `base:allocation` only (everything reported as data).
+    fn meta_contexts(&self) -> Vec<MetaContext> {
+        vec![MetaContext::Allocation]
+    }
+    /// Block status of `[offset, offset+len)` for each of `contexts`, at
+    /// most `max_extents` extents per context. Default: `base:allocation`
+    /// says "data" for the whole range; other contexts are unsupported.
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+        contexts: &[MetaContext],
+        max_extents: usize,
+    ) -> Result<BlockStatus, DevError> {
+        let _ = max_extents;
+        check_request(offset, len, self.size())?;
+        let extents = contexts
+            .iter()
+            .map(|c| match c {
+                MetaContext::Allocation => Ok(vec![Extent { len, flags: 0 }]),
+                _ => Err(DevError::Unsupported),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(BlockStatus {
+            extents,
+            guard: None,
+        })
+    }
 }
 
 /// Check a request against a device size.

@@ -356,10 +356,67 @@ impl ExceptionTable {
         packed.chain(wide)
     }
 
+    /// The runs that hold any chunk in `first..`, in origin order, starting
+    /// at the run containing `first` (if any): a range query that costs
+    /// O(log n) to start and O(1) per run (block status, `diff`). Wide-map
+    /// entries are merged in origin order.
+    pub fn runs_from(&self, first: Chunk) -> impl Iterator<Item = ExceptionRun> + '_ {
+        let c = first.0;
+        let (bi, ri) = if self.blocks.is_empty() {
+            (0, 0)
+        } else {
+            let bi = self.block_for(c);
+            let block = &self.blocks[bi];
+            let i = block.partition_point(|r| r.end() <= c);
+            (bi, i)
+        };
+        let packed = self
+            .blocks
+            .get(bi..)
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .flat_map(move |(k, b)| b.get(if k == 0 { ri } else { 0 }..).unwrap_or_default())
+            .map(|r| ExceptionRun {
+                old_chunk: Chunk(r.old()),
+                new_chunk: Chunk(r.new_chunk()),
+                len: r.len(),
+            });
+        let wide = self.wide.range(c..).map(|(&o, &n)| ExceptionRun {
+            old_chunk: Chunk(o),
+            new_chunk: Chunk(n),
+            len: 1,
+        });
+        MergeRuns {
+            a: packed.peekable(),
+            b: wide.peekable(),
+        }
+    }
+
     /// Every exception `(old, new)`, one per chunk.
     pub fn iter(&self) -> impl Iterator<Item = (Chunk, Chunk)> + '_ {
         self.runs()
             .flat_map(|r| (0..r.len).map(move |i| (r.old_chunk + i, r.new_chunk + i)))
+    }
+}
+
+/// Two origin-ordered run iterators merged into one (packed runs and the
+/// wide map never hold the same chunk).
+struct MergeRuns<A: Iterator<Item = ExceptionRun>, B: Iterator<Item = ExceptionRun>> {
+    a: std::iter::Peekable<A>,
+    b: std::iter::Peekable<B>,
+}
+
+impl<A: Iterator<Item = ExceptionRun>, B: Iterator<Item = ExceptionRun>> Iterator
+    for MergeRuns<A, B>
+{
+    type Item = ExceptionRun;
+    fn next(&mut self) -> Option<ExceptionRun> {
+        match (self.a.peek(), self.b.peek()) {
+            (Some(x), Some(y)) if y.old_chunk.0 < x.old_chunk.0 => self.b.next(),
+            (Some(_), _) => self.a.next(),
+            (None, _) => self.b.next(),
+        }
     }
 }
 
@@ -510,6 +567,19 @@ mod tests {
             let all: Vec<(u64, u64)> = t.iter().map(|(o, n)| (o.0, n.0)).collect();
             let want: Vec<(u64, u64)> = m.iter().map(|(&o, &n)| (o, n)).collect();
             prop_assert_eq!(&all, &want);
+            // Range queries: the runs from any chunk on, chunk for chunk.
+            for from in [0u64, 1, 7, 255, 256, 1000, 2999, 3001] {
+                let got: Vec<(u64, u64)> = t
+                    .runs_from(Chunk(from))
+                    .flat_map(|r| (0..r.len).map(move |i| (r.old_chunk.0 + i, r.new_chunk.0 + i)))
+                    .filter(|&(o, _)| o >= from)
+                    .collect();
+                let exp: Vec<(u64, u64)> = m.range(from..).map(|(&o, &n)| (o, n)).collect();
+                prop_assert_eq!(got, exp);
+                if let Some(r) = t.runs_from(Chunk(from)).next() {
+                    prop_assert!(r.old_chunk.0 + r.len > from);
+                }
+            }
             let mut b = ExceptionTable::new();
             b.bulk_load(want.iter().map(|&(o, n)| (Chunk(o), Chunk(n))));
             for o in 0..3000 {

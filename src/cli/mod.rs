@@ -45,6 +45,13 @@ pub enum Command {
     Serve(pool::ServeArgs),
     /// Roll the origin back to a snapshot (the kernel's snapshot-merge).
     Merge(pool::MergeArgs),
+    /// Changed-block tracking: the byte ranges where TO (default: the origin)
+    /// may differ from snapshot FROM — what an incremental backup reads.
+    ///
+    /// One `OFFSET LENGTH` line per extent, then a total; `--json` prints
+    /// {"from", "to", "chunk_size", "extents": [{"offset", "length"}]}. Works
+    /// online (through the daemon) and offline (from the COWs).
+    Diff(pool::DiffArgs),
     /// Print a COW device's header and every exception record in on-disk order.
     Dump(tools::DumpArgs),
     /// Check a COW device and report every problem with its location.
@@ -107,6 +114,7 @@ impl Command {
             Command::Status(a) => failed(pool::status(a)),
             Command::Serve(a) => failed(pool::serve(a)),
             Command::Merge(a) => failed(pool::merge(a)),
+            Command::Diff(a) => failed(pool::diff(a)),
             Command::Dump(a) => tools::dump(a),
             Command::Check(a) => tools::check(a),
             Command::Restore(a) => tools::restore(a),

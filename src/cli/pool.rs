@@ -564,3 +564,59 @@ pub fn merge(a: MergeArgs) -> Result<()> {
     eprintln!("merge of '{}' complete; the snapshot left the pool", a.name);
     Ok(())
 }
+
+/// Show where a snapshot (or the origin) may differ from snapshot FROM.
+#[derive(Args, Debug)]
+pub struct DiffArgs {
+    /// The pool directory.
+    pub pool: PathBuf,
+    /// The snapshot to compare with (the base of an incremental backup).
+    pub from: String,
+    /// The device that may have changed: `origin` (the default) or a snapshot.
+    pub to: Option<String>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn diff(a: DiffArgs) -> Result<()> {
+    let ctx = || {
+        format!(
+            "cannot compare '{}' with snapshot '{}'",
+            a.to.as_deref().unwrap_or("origin"),
+            a.from
+        )
+    };
+    let report: pool::DiffReport = if let Some(mut c) = ControlClient::connect(&a.pool) {
+        let v = c
+            .call(&Request::Diff {
+                from: a.from.clone(),
+                to: a.to.clone(),
+            })
+            .with_context(ctx)?;
+        serde_json::from_value(v).context("the daemon's diff answer")?
+    } else {
+        open_offline(&a.pool)?
+            .diff(&a.from, a.to.as_deref())
+            .with_context(ctx)?
+    };
+    let out = std::io::stdout();
+    let mut out = std::io::BufWriter::new(out.lock());
+    if a.json {
+        serde_json::to_writer(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        for e in &report.extents {
+            writeln!(out, "{} {}", e.offset, e.length)?;
+        }
+        writeln!(
+            out,
+            "total {} bytes in {} extents ({})",
+            report.total(),
+            report.extents.len(),
+            human_bytes(report.total())
+        )?;
+    }
+    out.flush()?;
+    Ok(())
+}

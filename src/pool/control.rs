@@ -36,6 +36,12 @@ pub enum Request {
         name: String,
     },
     MergeStatus,
+    /// `diff FROM [TO]` (`to`: `None` or `"origin"` for the origin).
+    Diff {
+        from: String,
+        #[serde(default)]
+        to: Option<String>,
+    },
 }
 
 /// The daemon's answer.
@@ -111,6 +117,9 @@ fn handle(pool: &ActivePool, req: Request) -> Reply {
             Ok(serde_json::to_value(pool.poll_merge()?).unwrap_or_default())
         }
         Request::MergeStatus => Ok(serde_json::to_value(pool.poll_merge()?).unwrap_or_default()),
+        Request::Diff { from, to } => {
+            Ok(serde_json::to_value(pool.diff(&from, to.as_deref())?).unwrap_or_default())
+        }
     })();
     match r {
         Ok(v) => Reply::ok(v),

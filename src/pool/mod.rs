@@ -8,7 +8,10 @@
 //! daemon over `POOL/control.sock` instead.
 
 pub mod control;
+mod diff;
 mod manifest;
+
+pub use diff::{DiffExtent, DiffReport};
 
 pub use manifest::{
     check_name, resolve, EntryState, Manifest, OriginEntry, SnapshotEntry, MANIFEST,
@@ -18,7 +21,7 @@ use crate::device::{Device, ExportSet};
 pub use crate::error_chain;
 use crate::format::{cow_size_for_origin, DiskHeader, HeaderState};
 use crate::io::{BlockDev, DevRef, FileDev, OpenOptions};
-use crate::snap::{MergeStatus, Origin, SnapError, SnapState};
+use crate::snap::{ExportDevice, MergeStatus, Origin, SnapError, SnapState};
 use crate::store::{ExceptionStore, PersistentStore, StoreError, StoreType, Usage};
 use crate::units::{ChunkSize, Sector};
 use parking_lot::Mutex;
@@ -756,7 +759,12 @@ impl ActivePool {
         }
         let dir = pool.dir.clone();
         pool.manifest.save(&dir)?;
-        if let Err(err) = self.origin.start_merge(name) {
+        // The origin reads as the snapshot from now on: no block-status
+        // answer about the origin may be in flight across that change.
+        let hold = self.origin.hold_writes();
+        let started = self.origin.start_merge(name);
+        drop(hold);
+        if let Err(err) = started {
             if let Some(s) = pool.manifest.snapshot_mut(name) {
                 s.state = EntryState::Active;
             }
@@ -880,14 +888,18 @@ impl ActivePool {
 }
 
 impl ExportSet for ActivePool {
+    /// The device with block status ([`ExportDevice`]): the origin's or a
+    /// snapshot's.
     fn get(&self, name: &str) -> Option<Arc<dyn Device>> {
         if name == "origin" {
-            return Some(self.origin.clone() as Arc<dyn Device>);
+            return Some(Arc::new(ExportDevice::origin(self.origin.clone())));
         }
         if !self.exported_snapshots().iter().any(|n| n == name) {
             return None;
         }
-        self.origin.snapshot(name).map(|s| s as Arc<dyn Device>)
+        self.origin
+            .snapshot(name)
+            .map(|s| Arc::new(ExportDevice::snapshot(self.origin.clone(), s)) as Arc<dyn Device>)
     }
     fn names(&self) -> Vec<String> {
         let mut v = vec!["origin".to_string()];

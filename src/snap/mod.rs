@@ -10,10 +10,12 @@
 //!   Order: `commit` may be held while taking `inner`, never the reverse.
 //! - per-chunk waits use the snapshot's condvar (`cond`) on `inner`.
 
+mod extents;
 mod merge;
 mod origin;
 mod snapshot;
 
+pub use extents::{diff_tables, ExportDevice, MAX_EXTENTS};
 pub use merge::{MergeStatus, MERGE_BATCH_BYTES, MERGE_BATCH_CHUNKS, MERGE_BATCH_ENV};
 pub use origin::Origin;
 pub use snapshot::{SnapState, SnapStatus, Snapshot};
@@ -51,4 +53,6 @@ pub enum SnapError {
     BadCow(String),
     #[error("the merge failed: {0}")]
     MergeFailed(String),
+    #[error("{0}")]
+    NoChangeInfo(String),
 }

@@ -33,6 +33,8 @@ pub struct Origin {
     /// exception only once its record is durable (see
     /// [`set_durable_snapshot_writes`](Self::set_durable_snapshot_writes)).
     durable_snapshot_writes: AtomicBool,
+    /// Write spans and block-status fences (`extents.rs`).
+    pub(crate) fences: super::extents::Fences,
 }
 
 impl Origin {
@@ -54,6 +56,7 @@ impl Origin {
             merge: Mutex::new(MergeCtl::default()),
             merge_cond: Condvar::new(),
             durable_snapshot_writes: AtomicBool::new(false),
+            fences: Default::default(),
         })
     }
 
@@ -234,6 +237,8 @@ impl Origin {
     /// it, and a queued exclusive taker (a snapshot removal) would
     /// otherwise stop both.
     pub(crate) fn write_inner(&self, buf: &[u8], offset: u64, fua: bool) -> Result<(), DevError> {
+        // Before the gate: a block-status fence may hold this write back.
+        let _span = self.fences.write(offset, buf.len() as u64);
         loop {
             let g = self.gate.read();
             if let Some(m) = self.merging_snapshot() {

@@ -126,6 +126,8 @@ pub struct Snapshot {
     /// never waits behind the commit lock, which a merge step or an
     /// invalidation holds across store I/O.
     usage: Mutex<Usage>,
+    /// Write spans and block-status fences (`extents.rs`).
+    pub(crate) fences: super::extents::Fences,
 }
 
 /// A pending exception whose copy must be started.
@@ -357,6 +359,7 @@ impl Snapshot {
             }),
             cond: Condvar::new(),
             usage: Mutex::new(usage),
+            fences: Default::default(),
         })
     }
 
@@ -921,6 +924,8 @@ impl Snapshot {
 
     fn write_snapshot(&self, buf: &[u8], offset: u64, fua: bool) -> Result<(), DevError> {
         check_request(offset, buf.len() as u64, self.origin_size)?;
+        // Before any lock: a block-status fence may hold this write back.
+        let _span = self.fences.write(offset, buf.len() as u64);
         let cs = self.chunk_size;
         let ps = pieces(cs, offset, buf.len() as u64);
         let mut create = Vec::new();
@@ -1035,6 +1040,24 @@ impl Snapshot {
             }
         }
         Ok(())
+    }
+
+    // ---- The block-status view (`extents.rs`). ----
+
+    /// The lifecycle flags block status needs: (removed, merging, valid).
+    pub(crate) fn lifecycle(&self) -> (bool, bool, bool) {
+        let i = self.inner.lock();
+        (i.gone, i.merging, i.valid)
+    }
+
+    /// Run `f` on the completed exceptions and the chunks with a pending
+    /// exception, under `inner` (no I/O in `f`).
+    pub(crate) fn with_exceptions<T>(
+        &self,
+        f: impl FnOnce(&ExceptionTable, &HashSet<u64>) -> T,
+    ) -> T {
+        let i = self.inner.lock();
+        f(&i.table, &i.pending)
     }
 
     // ---- The merge's view (`snapshot-merge`): what merge.rs may do. ----

@@ -500,6 +500,59 @@ pub fn encode_info_block_size(
     encode_option_reply(out, option, rep::INFO, &data);
 }
 
+/// `NBD_REP_META_CONTEXT`: a context id and its name (for
+/// `NBD_OPT_LIST_META_CONTEXT` the id is 0).
+pub fn encode_meta_context(out: &mut Vec<u8>, option: u32, id: u32, name: &str) {
+    let mut data = Vec::with_capacity(4 + name.len());
+    data.extend_from_slice(&id.to_be_bytes());
+    data.extend_from_slice(name.as_bytes());
+    encode_option_reply(out, option, rep::META_CONTEXT, &data);
+}
+
+/// Length of one block-status descriptor (u32 length, u32 flags).
+pub const BLOCK_DESCRIPTOR_LEN: usize = 8;
+
+/// Append an `NBD_REPLY_TYPE_BLOCK_STATUS` chunk for context `context_id`
+/// with descriptors `(length, flags)`.
+pub fn encode_block_status(
+    out: &mut Vec<u8>,
+    cookie: u64,
+    context_id: u32,
+    descriptors: &[(u32, u32)],
+    done: bool,
+) {
+    let len = 4 + descriptors.len() * BLOCK_DESCRIPTOR_LEN;
+    let h = ChunkHeader {
+        flags: if done { chunk::FLAG_DONE } else { 0 },
+        chunk_type: chunk::BLOCK_STATUS,
+        cookie,
+        length: u32::try_from(len).unwrap_or(u32::MAX),
+    };
+    out.reserve(CHUNK_HEADER_LEN + len);
+    out.extend_from_slice(&h.encode());
+    out.extend_from_slice(&context_id.to_be_bytes());
+    for &(l, f) in descriptors {
+        out.extend_from_slice(&l.to_be_bytes());
+        out.extend_from_slice(&f.to_be_bytes());
+    }
+}
+
+/// Parse the payload of a `BLOCK_STATUS` chunk (clients and tests): the
+/// context id and the descriptors. `None` when the length is not
+/// 4 + 8·n.
+pub fn parse_block_status(payload: &[u8]) -> Option<(u32, Vec<(u32, u32)>)> {
+    let mut w = Wire::new(payload);
+    let id = w.u32()?;
+    if w.remaining() % BLOCK_DESCRIPTOR_LEN != 0 {
+        return None;
+    }
+    let mut v = Vec::with_capacity(w.remaining() / BLOCK_DESCRIPTOR_LEN);
+    while !w.is_empty() {
+        v.push((w.u32()?, w.u32()?));
+    }
+    Some((id, v))
+}
+
 /// The answer to `NBD_OPT_EXPORT_NAME`: size, flags, 124 zeroes unless
 /// `NO_ZEROES` was negotiated.
 pub fn encode_export_name_reply(out: &mut Vec<u8>, size: u64, flags: u16, no_zeroes: bool) {

@@ -12,7 +12,7 @@ use super::proto::{
     self, cmd, cmd_flags, errno, handshake, opt, rep, tflags, NbdOption, OptionLength,
     PayloadCheck, Request,
 };
-use crate::device::{DevError, Device, ExportSet};
+use crate::device::{DevError, Device, ExportSet, MetaContext};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
@@ -51,6 +51,12 @@ pub struct ServerOptions {
     /// The export served to clients asking for the empty name (the spec's
     /// "default export", what `nbd+unix:///?socket=...` asks for).
     pub default_export: Option<String>,
+    /// Most extents per metadata context in one `BLOCK_STATUS` reply.
+    pub max_block_status_extents: usize,
+    /// A `BLOCK_STATUS` reply holds writes to its range back until it is
+    /// sent; if the client does not take it within this time, the
+    /// connection is cut (so writers wait at most this long).
+    pub block_status_send_timeout: Duration,
 }
 
 impl Default for ServerOptions {
@@ -63,6 +69,8 @@ impl Default for ServerOptions {
             handshake_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
             default_export: None,
+            max_block_status_extents: crate::snap::MAX_EXTENTS,
+            block_status_send_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -607,13 +615,87 @@ fn serve_connection(sh: &Arc<Shared>, stream: Stream) -> Result<(), ConnError> {
     stream.set_write_timeout(Some(sh.opts.handshake_timeout))?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::with_capacity(256 << 10, stream);
-    let Some((export, structured)) = handshake(sh, &mut reader, &mut writer)? else {
+    let Some((export, structured, contexts)) = handshake(sh, &mut reader, &mut writer)? else {
         return Ok(());
     };
     reader.get_ref().set_read_timeout(None)?;
     reader.get_ref().set_write_timeout(None)?;
     tracing::debug!("nbd: serving {:?}", export.name);
-    transmission(sh, reader, writer, export, structured)
+    transmission(sh, reader, writer, export, structured, contexts)
+}
+
+/// What the handshake settled: the export, structured replies, and the
+/// metadata contexts selected for it (with their ids).
+type Negotiated = (Export, bool, Vec<(u32, MetaContext)>);
+
+/// Contexts selected with `NBD_OPT_SET_META_CONTEXT`: for which export,
+/// and `(id, context)` pairs.
+type Selected = Option<(String, Vec<(u32, MetaContext)>)>;
+
+/// The contexts of `available` a query selects. `list` (for
+/// `NBD_OPT_LIST_META_CONTEXT`): a bare namespace (`base:`, `qemu:`,
+/// `qemu:dirty-bitmap:`) selects all of its contexts, as qemu-nbd does;
+/// otherwise only exact names select.
+fn query_matches(query: &str, ctx: &MetaContext, list: bool) -> bool {
+    let name = ctx.name();
+    if name == query {
+        return true;
+    }
+    list && matches!(query, "base:" | "qemu:" | MetaContext::DIRTY_BITMAP_PREFIX)
+        && name.starts_with(query)
+}
+
+/// Answer LIST/SET_META_CONTEXT. Returns the new selection for SET.
+fn meta_context_option(
+    sh: &Shared,
+    out: &mut Vec<u8>,
+    option: u32,
+    structured: bool,
+    req: &proto::MetaContextRequest,
+) -> Option<Selected> {
+    let list = option == opt::LIST_META_CONTEXT;
+    if !structured {
+        proto::encode_option_error(
+            out,
+            option,
+            rep::ERR_INVALID,
+            "negotiate structured replies before metadata contexts",
+        );
+        return None;
+    }
+    let Some(export) = resolve(sh, &req.name) else {
+        proto::encode_option_error(
+            out,
+            option,
+            rep::ERR_UNKNOWN,
+            &format!("no export named {:?}", req.name),
+        );
+        return None;
+    };
+    let available = export.dev.meta_contexts();
+    let mut chosen: Vec<MetaContext> = Vec::new();
+    for ctx in &available {
+        let hit = if req.queries.is_empty() {
+            list
+        } else {
+            req.queries.iter().any(|q| query_matches(q, ctx, list))
+        };
+        if hit && !chosen.contains(ctx) {
+            chosen.push(ctx.clone());
+        }
+    }
+    let mut selected = Vec::with_capacity(chosen.len());
+    for (i, ctx) in chosen.into_iter().enumerate() {
+        let id = if list { 0 } else { i as u32 + 1 };
+        proto::encode_meta_context(out, option, id, &ctx.name());
+        selected.push((id, ctx));
+    }
+    proto::encode_option_reply(out, option, rep::ACK, &[]);
+    if list {
+        None
+    } else {
+        Some(Some((export.name, selected)))
+    }
 }
 
 /// Run option haggling. `Some` when transmission starts.
@@ -621,13 +703,20 @@ fn handshake(
     sh: &Shared,
     r: &mut BufReader<Stream>,
     w: &mut Stream,
-) -> Result<Option<(Export, bool)>, ConnError> {
+) -> Result<Option<Negotiated>, ConnError> {
     let server_flags = handshake::FIXED_NEWSTYLE | handshake::NO_ZEROES;
     w.write_all(&proto::encode_greeting(server_flags))?;
     let mut cf = [0u8; 4];
     r.read_exact(&mut cf)?;
     let client = proto::parse_client_flags(cf, server_flags)?;
     let mut structured = false;
+    let mut selected: Selected = None;
+    // The contexts selected for the export finally chosen (none if the
+    // client selected them for another one).
+    let contexts_for = |selected: &Selected, export: &Export| match selected {
+        Some((name, v)) if *name == export.name => v.clone(),
+        _ => Vec::new(),
+    };
     let mut out = Vec::with_capacity(256);
     let mut data = Vec::new();
     loop {
@@ -693,7 +782,8 @@ fn handshake(
                     client.no_zeroes,
                 );
                 w.write_all(&out)?;
-                return Ok(Some((export, structured)));
+                let contexts = contexts_for(&selected, &export);
+                return Ok(Some((export, structured, contexts)));
             }
             NbdOption::Abort => {
                 proto::encode_option_reply(&mut out, opt::ABORT, rep::ACK, &[]);
@@ -736,7 +826,8 @@ fn handshake(
                         proto::encode_option_reply(&mut out, option, rep::ACK, &[]);
                         if option == opt::GO {
                             w.write_all(&out)?;
-                            return Ok(Some((export, structured)));
+                            let contexts = contexts_for(&selected, &export);
+                            return Ok(Some((export, structured, contexts)));
                         }
                     }
                 }
@@ -760,13 +851,10 @@ fn handshake(
                 rep::ERR_UNSUP,
                 "TLS is not supported",
             ),
-            NbdOption::ListMetaContext(_) | NbdOption::SetMetaContext(_) => {
-                proto::encode_option_error(
-                    &mut out,
-                    h.option,
-                    rep::ERR_UNSUP,
-                    "no metadata contexts (block status) are supported",
-                )
+            NbdOption::ListMetaContext(req) | NbdOption::SetMetaContext(req) => {
+                if let Some(s) = meta_context_option(sh, &mut out, h.option, structured, &req) {
+                    selected = s;
+                }
             }
             NbdOption::Other(o) => {
                 proto::encode_option_error(&mut out, o, rep::ERR_UNSUP, "option not supported")
@@ -817,6 +905,12 @@ struct Conn {
     buffers: Mutex<Vec<Vec<u8>>>,
     /// The socket failed: stop doing work for this client.
     dead: AtomicBool,
+    /// Metadata contexts selected, with their ids.
+    contexts: Vec<(u32, MetaContext)>,
+    max_extents: usize,
+    block_status_timeout: Duration,
+    /// A clone of the socket, to cut it without the writer lock.
+    cut: Stream,
 }
 
 struct Job {
@@ -897,8 +991,10 @@ fn transmission(
     writer: Stream,
     export: Export,
     structured: bool,
+    contexts: Vec<(u32, MetaContext)>,
 ) -> Result<(), ConnError> {
     let nr_workers = sh.opts.workers_per_connection.max(1);
+    let cut = writer.try_clone()?;
     let conn = Arc::new(Conn {
         writer: Mutex::new(writer),
         export,
@@ -910,6 +1006,10 @@ fn transmission(
         },
         buffers: Mutex::new(Vec::new()),
         dead: AtomicBool::new(false),
+        contexts,
+        max_extents: sh.opts.max_block_status_extents.max(1),
+        block_status_timeout: sh.opts.block_status_send_timeout,
+        cut,
     });
     let (tx, rx) = crossbeam_channel::bounded::<Job>(nr_workers * 16);
     let mut workers = Vec::with_capacity(nr_workers);
@@ -1025,6 +1125,7 @@ fn dev_error(e: &DevError) -> u32 {
 fn flags_ok(req: &Request) -> bool {
     let allowed = match req.command {
         cmd::WRITE_ZEROES => cmd_flags::FUA | cmd_flags::NO_HOLE,
+        cmd::BLOCK_STATUS => cmd_flags::REQ_ONE,
         _ => cmd_flags::FUA,
     };
     req.flags & !allowed == 0
@@ -1042,7 +1143,13 @@ fn run(conn: &Conn, job: Job) {
     let dev = &conn.export.dev;
     let known = matches!(
         req.command,
-        cmd::READ | cmd::WRITE | cmd::FLUSH | cmd::TRIM | cmd::CACHE | cmd::WRITE_ZEROES
+        cmd::READ
+            | cmd::WRITE
+            | cmd::FLUSH
+            | cmd::TRIM
+            | cmd::CACHE
+            | cmd::WRITE_ZEROES
+            | cmd::BLOCK_STATUS
     );
     let result: Result<(), (u32, String)> = if !known {
         Err((errno::EINVAL, format!("unknown command {}", req.command)))
@@ -1083,6 +1190,18 @@ fn run(conn: &Conn, job: Job) {
                     conn.give_buffer(buf);
                     r
                 }
+                cmd::BLOCK_STATUS => {
+                    if !conn.structured || conn.contexts.is_empty() {
+                        Err((
+                            errno::EINVAL,
+                            "no metadata context was selected (NBD_OPT_SET_META_CONTEXT)".into(),
+                        ))
+                    } else if req.length == 0 {
+                        Err((errno::EINVAL, "block status of zero bytes".into()))
+                    } else {
+                        return do_block_status(conn, req);
+                    }
+                }
                 cmd::FLUSH => dev.flush().map_err(|e| (dev_error(&e), e.to_string())),
                 cmd::TRIM => dev
                     .discard(req.offset, u64::from(req.length))
@@ -1120,6 +1239,107 @@ fn do_read(conn: &Conn, req: Request) {
         }
     }
     conn.give_buffer(buf);
+}
+
+/// BLOCK_STATUS: compute the extents of every selected context (the
+/// device holds writes to the range back until the guard drops), send one
+/// chunk per context, then release. The send is bounded by
+/// `block_status_timeout`: a client that does not take the reply loses the
+/// connection rather than stalling the writers.
+fn do_block_status(conn: &Conn, req: Request) {
+    let ctxs: Vec<MetaContext> = conn.contexts.iter().map(|(_, c)| c.clone()).collect();
+    let one = req.flags & cmd_flags::REQ_ONE != 0;
+    let max = if one { 1 } else { conn.max_extents };
+    let status = match conn
+        .export
+        .dev
+        .block_status(req.offset, u64::from(req.length), &ctxs, max)
+    {
+        Ok(s) => s,
+        Err(e) => return conn.reply(&req, dev_error(&e), &e.to_string()),
+    };
+    let mut out = Vec::new();
+    let n = conn.contexts.len();
+    for (i, ((id, _), ext)) in conn.contexts.iter().zip(&status.extents).enumerate() {
+        let mut d: Vec<(u32, u32)> = ext
+            .iter()
+            .map(|e| (u32::try_from(e.len).unwrap_or(u32::MAX), e.flags))
+            .collect();
+        if one {
+            d.truncate(1);
+        }
+        if d.is_empty() {
+            // Never an empty chunk: the device always covers a byte; be safe.
+            d.push((req.length, 0));
+        }
+        proto::encode_block_status(&mut out, req.cookie, *id, &d, i + 1 == n);
+    }
+    let deadline = Instant::now() + conn.block_status_timeout;
+    conn.send_by(&out, deadline);
+    drop(status.guard);
+}
+
+/// Send `buf` on `fd` without blocking past `deadline` (non-blocking sends
+/// and poll, leaving the socket's mode alone for the other threads).
+fn send_until(fd: RawFd, mut buf: &[u8], deadline: Instant) -> io::Result<()> {
+    while !buf.is_empty() {
+        // SAFETY: `buf` is a live slice of the given length; `fd` is the
+        // connection's socket, open while its writer lock is held.
+        let r = unsafe {
+            libc::send(
+                fd,
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if r >= 0 {
+            buf = buf.get(r as usize..).unwrap_or_default();
+            continue;
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+                let mut pfd = libc::pollfd {
+                    fd,
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+                // SAFETY: one valid pollfd living across the call, nfds 1.
+                unsafe { libc::poll(&mut pfd, 1, ms) };
+            }
+            _ => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+impl Conn {
+    /// Send one reply, giving up (and cutting the connection) at `deadline`.
+    fn send_by(&self, buf: &[u8], deadline: Instant) {
+        if self.dead.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(w) = self.writer.try_lock_until(deadline) else {
+            tracing::debug!("nbd: block status reply timed out waiting for the socket");
+            self.dead.store(true, Ordering::Relaxed);
+            // Another reply is stuck in the socket: cut it (that thread
+            // sees an error and lets go of the writer).
+            let _ = self.cut.shutdown(Shutdown::Both);
+            return;
+        };
+        if let Err(e) = send_until(w.fd(), buf, deadline) {
+            tracing::debug!("nbd: block status reply failed: {e}");
+            self.dead.store(true, Ordering::Relaxed);
+            let _ = w.shutdown(Shutdown::Both);
+        }
+    }
 }
 
 #[cfg(test)]

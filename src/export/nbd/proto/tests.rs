@@ -221,3 +221,26 @@ fn wire_errnos_map_host_errnos() {
     assert_eq!(errno::from_host(libc::EOPNOTSUPP), errno::ENOTSUP);
     assert_eq!(errno::from_host(libc::EBADF), errno::EIO);
 }
+
+#[test]
+fn block_status_chunk_round_trips() {
+    let mut out = Vec::new();
+    encode_block_status(&mut out, 7, 3, &[(4096, 3), (8192, 0)], true);
+    let h = parse_chunk_header(out[..CHUNK_HEADER_LEN].try_into().unwrap()).unwrap();
+    assert_eq!(h.chunk_type, chunk::BLOCK_STATUS);
+    assert_eq!(h.flags, chunk::FLAG_DONE);
+    assert_eq!(h.cookie, 7);
+    assert_eq!(h.length as usize, out.len() - CHUNK_HEADER_LEN);
+    assert_eq!(
+        parse_block_status(&out[CHUNK_HEADER_LEN..]),
+        Some((3, vec![(4096, 3), (8192, 0)]))
+    );
+    assert_eq!(parse_block_status(&[0, 0, 0, 1, 0]), None);
+    assert_eq!(parse_block_status(&[0, 0]), None);
+    let mut m = Vec::new();
+    encode_meta_context(&mut m, opt::SET_META_CONTEXT, 9, "base:allocation");
+    let r = parse_option_reply_header(m[..20].try_into().unwrap()).unwrap();
+    assert_eq!((r.reply_type, r.length), (rep::META_CONTEXT, 4 + 15));
+    assert_eq!(&m[20..24], &9u32.to_be_bytes());
+    assert_eq!(&m[24..], b"base:allocation");
+}
