@@ -1,14 +1,12 @@
 //! The engine (`dm-snap.c`): an [`Origin`] with its [`Snapshot`]s, the COW
 //! trigger on origin writes, snapshot reads and writes, and merge.
 //!
-//! Locking (no lock is held across I/O):
-//! - `Origin::gate` (RwLock): origin writes hold it shared for their whole
-//!   duration; adding a snapshot or starting a merge takes it exclusively, so
-//!   every origin write acknowledged before is in the snapshot, none after.
-//! - per snapshot `commit` (the store, allocation sequence, ordered
-//!   completions) and `inner` (tables, pending set, tracked reads, state).
-//!   Order: `commit` may be held while taking `inner`, never the reverse.
-//! - per-chunk waits use the snapshot's condvar (`cond`) on `inner`.
+//! Locks and waits: the whole hierarchy, every wait with its wakers and
+//! what may be held while waiting, is in ARCHITECTURE.md ("Locks and
+//! waits"). In short: fences, then `Origin::merge`, then `Origin::gate`,
+//! then a snapshot's `commit`, then its `inner`; store I/O under `commit`
+//! only for the invalid header and the merge's batch bookkeeping; no wait
+//! under the gate whose waker needs the gate.
 
 mod extents;
 mod merge;
