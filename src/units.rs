@@ -190,8 +190,11 @@ impl fmt::Display for ChunkSize {
         let b = self.bytes();
         if b >= 1 << 20 && b % (1 << 20) == 0 {
             write!(f, "{} MiB", b >> 20)
-        } else {
+        } else if b >= 1 << 10 {
             write!(f, "{} KiB", b >> 10)
+        } else {
+            // One sector: the kernel's smallest chunk.
+            write!(f, "{b} B")
         }
     }
 }
@@ -278,6 +281,14 @@ mod tests {
         assert_eq!(cs.chunk_to_sector(Chunk(2)), Sector(64));
         assert_eq!(cs.chunks_covering(16385), 2);
         assert_eq!(cs.whole_chunks(16385), 1);
+    }
+
+    #[test]
+    fn chunk_sizes_display_their_real_value() {
+        let show = |b| ChunkSize::from_bytes(b).unwrap().to_string();
+        assert_eq!(show(512), "512 B");
+        assert_eq!(show(4096), "4 KiB");
+        assert_eq!(show(1 << 20), "1 MiB");
     }
 
     #[test]

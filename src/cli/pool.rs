@@ -19,17 +19,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// A SIZE argument: no file can be larger than 2^63 - 1 bytes (`off_t`).
 fn size_arg(s: &str) -> Result<u64, String> {
-    parse_size(s)
+    let b = parse_size(s)?;
+    if b > i64::MAX as u64 {
+        return Err(format!(
+            "'{s}' is {b} bytes, larger than any file or device can be (at most 2^63 - 1 bytes)"
+        ));
+    }
+    Ok(b)
 }
 
 fn chunk_arg(s: &str) -> Result<ChunkSize, String> {
-    let b = parse_size(s)?;
-    let c = ChunkSize::from_bytes(b).map_err(|e| e.to_string())?;
-    if c.bytes() < 4096 {
-        return Err(format!("chunk size {c} is below the 4 KiB minimum"));
-    }
-    Ok(c)
+    pool::check_chunk_size(parse_size(s)?).map_err(|e| pool::error_chain(&e))
 }
 
 /// Create a pool: a directory with its manifest `POOL/pool.json`.
@@ -52,10 +54,20 @@ pub fn create(a: CreateArgs) -> Result<()> {
         (None, Some(p)) => OriginSpec::Path(p),
         _ => bail!("give exactly one of --size and --origin"),
     };
-    pool::create_pool(&a.pool, spec)
+    let made = pool::create_pool(&a.pool, spec)
         .with_context(|| format!("cannot create pool {}", a.pool.display()))?;
     eprintln!("created pool {}", a.pool.display());
+    tail_note(made.origin_bytes - made.exported_bytes);
     Ok(())
+}
+
+/// Say that a partial last sector of the origin is not exported.
+fn tail_note(unexported: u64) {
+    if unexported > 0 {
+        eprintln!(
+            "note: the origin's size is not a multiple of 512 bytes: its last {unexported} bytes are not exported (devices are made of whole 512-byte sectors)"
+        );
+    }
 }
 
 /// Create, list and remove snapshots.
@@ -199,7 +211,14 @@ fn get_status(dir: &Path) -> Result<PoolStatus> {
             .context("cannot get the pool's status from its daemon")?;
         return serde_json::from_value(v).context("the daemon's status answer");
     }
-    let p = open_offline(dir)?;
+    // Only reads: a shared lock taken read-only, so a read-only pool works.
+    let p = match Pool::open_read_only(dir) {
+        Err(pool::PoolError::Busy(_)) => bail!(
+            "the pool {} is locked by another dmsnap process, but no daemon answers on its control socket; retry in a moment",
+            dir.display()
+        ),
+        r => r.with_context(|| format!("cannot open pool {}", dir.display()))?,
+    };
     p.status()
         .with_context(|| format!("cannot read the status of pool {}", dir.display()))
 }
@@ -229,6 +248,13 @@ pub fn status(a: StatusArgs) -> Result<()> {
         st.origin.path.display(),
         human_bytes(st.origin.size)
     )?;
+    if st.origin.unexported_bytes > 0 {
+        writeln!(
+            out,
+            "  its last {} bytes are not exported (not a whole 512-byte sector)",
+            st.origin.unexported_bytes
+        )?;
+    }
     if st.snapshots.is_empty() {
         writeln!(out, "no snapshots")?;
     }
@@ -267,6 +293,9 @@ pub fn status(a: StatusArgs) -> Result<()> {
         }
         if let Some(e) = &s.error {
             writeln!(out, "  error: {e}")?;
+        }
+        for w in &s.warnings {
+            writeln!(out, "  note: {w}")?;
         }
     }
     Ok(())
@@ -515,16 +544,27 @@ fn follow_merge(
     Ok(())
 }
 
+/// `merge NAME` once NAME's merge has ended: that is success.
+fn merged_already(name: &str) {
+    eprintln!("merge of '{name}' completed; the snapshot left the pool");
+}
+
 pub fn merge(a: MergeArgs) -> Result<()> {
     let ctx = || format!("cannot merge snapshot '{}'", a.name);
     if let Some(mut c) = ControlClient::connect(&a.pool) {
         let st: PoolStatus = serde_json::from_value(c.call(&Request::Status)?)?;
-        let chunk = st
+        let Some(chunk) = st
             .snapshots
             .iter()
             .find(|s| s.name == a.name)
             .map(|s| s.chunk_size)
-            .with_context(|| format!("no snapshot named '{}' in this pool", a.name))?;
+        else {
+            if st.merged.contains(&a.name) {
+                merged_already(&a.name);
+                return Ok(());
+            }
+            bail!("no snapshot named '{}' in this pool", a.name);
+        };
         c.call(&Request::MergeStart {
             name: a.name.clone(),
         })
@@ -544,6 +584,10 @@ pub fn merge(a: MergeArgs) -> Result<()> {
     // Offline: bring the pool up in this process (other snapshots must keep
     // getting exceptions while the merge writes the origin), merge to the end.
     let p = open_offline(&a.pool)?;
+    if p.manifest().was_merged(&a.name) {
+        merged_already(&a.name);
+        return Ok(());
+    }
     let entry = p.manifest().snapshot(&a.name).cloned().with_context(|| {
         format!(
             "no snapshot named '{}' in pool {}",

@@ -4,7 +4,6 @@
 
 use super::{error_chain, ActivePool, CowSpec, MergeProgress, PoolError, SnapshotRequest};
 use crate::store::StoreType;
-use crate::units::ChunkSize;
 use serde::{Deserialize, Serialize};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -96,10 +95,7 @@ fn handle(pool: &ActivePool, req: Request) -> Reply {
             cow,
             store,
         } => {
-            let chunk_size = chunk_size
-                .map(ChunkSize::from_bytes)
-                .transpose()
-                .map_err(|e| PoolError::Invalid(e.to_string()))?;
+            let chunk_size = chunk_size.map(super::check_chunk_size).transpose()?;
             let e = pool.create_snapshot(&SnapshotRequest {
                 name,
                 chunk_size,

@@ -63,7 +63,16 @@ pub struct Manifest {
     pub origin: OriginEntry,
     #[serde(default)]
     pub snapshots: Vec<SnapshotEntry>,
+    /// Names of the snapshots whose merge completed (they left `snapshots`),
+    /// oldest first, at most [`MAX_MERGED`]: `merge NAME` after the end of
+    /// its merge reports that it completed instead of "no such snapshot".
+    /// A new snapshot of the same name takes the name back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merged: Vec<String>,
 }
+
+/// How many completed merges the manifest remembers.
+pub const MAX_MERGED: usize = 32;
 
 impl Manifest {
     pub fn new(origin: OriginEntry) -> Self {
@@ -71,7 +80,29 @@ impl Manifest {
             version: MANIFEST_VERSION,
             origin,
             snapshots: Vec::new(),
+            merged: Vec::new(),
         }
+    }
+
+    /// Record a new snapshot (its name is no longer that of a merged one).
+    pub fn add_snapshot(&mut self, e: SnapshotEntry) {
+        self.merged.retain(|n| *n != e.name);
+        self.snapshots.push(e);
+    }
+
+    /// Snapshot `name` merged into the origin: it leaves the pool, its name
+    /// is remembered.
+    pub fn record_merged(&mut self, name: &str) {
+        self.snapshots.retain(|s| s.name != name);
+        self.merged.retain(|n| n != name);
+        self.merged.push(name.to_string());
+        let excess = self.merged.len().saturating_sub(MAX_MERGED);
+        self.merged.drain(..excess);
+    }
+
+    /// True when the last snapshot named `name` left the pool by a merge.
+    pub fn was_merged(&self, name: &str) -> bool {
+        self.snapshot(name).is_none() && self.merged.iter().any(|n| n == name)
     }
 
     /// Read and validate `dir/pool.json`.
@@ -97,10 +128,11 @@ impl Manifest {
             path: path.clone(),
             source,
         })?;
-        let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| PoolError::BadManifest {
-            path: path.clone(),
-            why: e.to_string(),
-        })?;
+        let m: Manifest =
+            serde_json::from_slice(&bytes).map_err(|source| PoolError::ParseManifest {
+                path: path.clone(),
+                source,
+            })?;
         m.validate()
             .map_err(|why| PoolError::BadManifest { path, why })?;
         Ok(m)
@@ -129,6 +161,12 @@ impl Manifest {
         if merging > 1 {
             return Err("more than one snapshot is marked as merging".into());
         }
+        if self.merged.len() > MAX_MERGED {
+            return Err(format!(
+                "it remembers {} merged snapshots, more than {MAX_MERGED}",
+                self.merged.len()
+            ));
+        }
         Ok(())
     }
 
@@ -138,12 +176,15 @@ impl Manifest {
         let tmp = dir.join(format!(".{MANIFEST}.tmp"));
         let write = || -> std::io::Result<()> {
             let mut f = fs::File::create(&tmp)?;
+            // A failed write leaves no temporary file behind.
+            let guard = RemoveOnDrop(&tmp);
             let mut text = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
             text.push(b'\n');
             f.write_all(&text)?;
             f.sync_all()?;
             drop(f);
             fs::rename(&tmp, &path)?;
+            std::mem::forget(guard);
             fs::File::open(dir)?.sync_all()
         };
         write().map_err(|source| PoolError::WriteManifest { path, source })
@@ -159,6 +200,14 @@ impl Manifest {
         self.snapshots
             .iter()
             .find(|s| s.state == EntryState::Merging)
+    }
+}
+
+struct RemoveOnDrop<'a>(&'a Path);
+
+impl Drop for RemoveOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(self.0);
     }
 }
 
@@ -232,7 +281,7 @@ mod tests {
         fs::write(d.path().join(MANIFEST), b"{not json").unwrap();
         assert!(matches!(
             Manifest::load(d.path()),
-            Err(PoolError::BadManifest { .. })
+            Err(PoolError::ParseManifest { .. })
         ));
         let mut m = sample();
         m.snapshots.push(m.snapshots[0].clone());

@@ -7,8 +7,10 @@
 //! the length of its work. Commands that find the lock held talk to the
 //! daemon over `POOL/control.sock` instead.
 
+mod capture;
 pub mod control;
 mod diff;
+mod files;
 mod manifest;
 
 pub use diff::{DiffExtent, DiffReport};
@@ -23,7 +25,8 @@ use crate::format::{cow_size_for_origin, DiskHeader, HeaderState};
 use crate::io::{BlockDev, DevRef, FileDev, OpenOptions};
 use crate::snap::{ExportDevice, MergeStatus, Origin, SnapError, SnapState};
 use crate::store::{ExceptionStore, PersistentStore, StoreError, StoreType, Usage};
-use crate::units::{ChunkSize, Sector};
+use crate::units::{human_bytes, ChunkSize, ChunkSizeError, Sector, SECTOR_SIZE};
+use files::{check_kind, FileId, SectorAligned, Undo, MAX_FILE_BYTES};
 use parking_lot::Mutex;
 use serde::Serialize;
 use std::fs::File;
@@ -59,6 +62,12 @@ pub enum PoolError {
     },
     #[error("bad pool manifest {path}: {why}")]
     BadManifest { path: PathBuf, why: String },
+    #[error("bad pool manifest {path}")]
+    ParseManifest {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("the pool {0} is in use by another dmsnap process")]
     Busy(PathBuf),
     #[error("{what} {path}")]
@@ -74,6 +83,35 @@ pub enum PoolError {
     NoSuchSnapshot(String),
     #[error("{0}")]
     Invalid(String),
+    #[error(
+        "a chunk size of {bytes} bytes is not valid: it must be a power of two from 4 KiB to 1 GiB"
+    )]
+    BadChunkSize {
+        bytes: u64,
+        #[source]
+        source: Option<ChunkSizeError>,
+    },
+    #[error(
+        "{path} cannot be the COW of a new snapshot: it is already the COW of snapshot '{user}'"
+    )]
+    CowInUse { path: PathBuf, user: String },
+    #[error("{path} cannot be the COW of a new snapshot: it is {what} of this pool")]
+    CowIsPoolFile { path: PathBuf, what: &'static str },
+    #[error("the {what} {path} is {kind}, not a regular file or block device")]
+    NotADevice {
+        what: &'static str,
+        path: PathBuf,
+        kind: &'static str,
+    },
+    #[error("the origin {path} holds {bytes} bytes, not one whole 512-byte sector: there is nothing to snapshot or serve")]
+    EmptyOrigin { path: PathBuf, bytes: u64 },
+    #[error("the filesystem holding {path} cannot hold a file of {size}")]
+    FileTooLarge {
+        path: PathBuf,
+        size: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("snapshot '{name}'")]
     Store {
         name: String,
@@ -90,6 +128,108 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> P
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// The smallest chunk size dmsnap takes (the kernel takes 512 bytes; 4 KiB
+/// is LVM's default and the page size every client writes in).
+pub const MIN_CHUNK_BYTES: u64 = 4096;
+
+/// A snapshot's chunk size as `--chunk-size` and the control socket take it:
+/// a power of two from 4 KiB to the kernel's maximum (1 GiB).
+pub fn check_chunk_size(bytes: u64) -> Result<ChunkSize, PoolError> {
+    let c = ChunkSize::from_bytes(bytes).map_err(|source| PoolError::BadChunkSize {
+        bytes,
+        source: Some(source),
+    })?;
+    if c.bytes() < MIN_CHUNK_BYTES {
+        return Err(PoolError::BadChunkSize {
+            bytes,
+            source: None,
+        });
+    }
+    Ok(c)
+}
+
+/// A chunk size recorded in the manifest (validated when it was loaded).
+fn recorded_chunk_size(e: &SnapshotEntry) -> Result<ChunkSize, PoolError> {
+    ChunkSize::from_bytes(e.chunk_size).map_err(|source| PoolError::BadChunkSize {
+        bytes: e.chunk_size,
+        source: Some(source),
+    })
+}
+
+/// Refuse a size no file can have, before anything is created.
+fn check_file_size(what: &str, bytes: u64) -> Result<(), PoolError> {
+    if bytes > MAX_FILE_BYTES {
+        return Err(PoolError::Invalid(format!(
+            "{what} of {bytes} bytes is larger than any file can be (at most 2^63 - 1 bytes)"
+        )));
+    }
+    Ok(())
+}
+
+/// The error of creating a sparse file: EFBIG says the filesystem (or the
+/// process's file size limit) cannot hold a file that large.
+fn create_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+    len: u64,
+) -> impl FnOnce(io::Error) -> PoolError + 'a {
+    move |source| {
+        if source.raw_os_error() == Some(libc::EFBIG) {
+            PoolError::FileTooLarge {
+                path: path.to_path_buf(),
+                size: human_bytes(len),
+                source,
+            }
+        } else {
+            PoolError::Io {
+                what,
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    }
+}
+
+/// Check that `path` can be an origin or a COW: a regular file or a block device.
+fn check_device_kind(what: &'static str, path: &Path) -> Result<(), PoolError> {
+    let kind = check_kind(path).map_err(|source| PoolError::Io {
+        what: if what == "origin" {
+            "opening the origin"
+        } else {
+            "opening the COW"
+        },
+        path: path.to_path_buf(),
+        source,
+    })?;
+    match kind {
+        None => Ok(()),
+        Some(kind) => Err(PoolError::NotADevice {
+            what,
+            path: path.to_path_buf(),
+            kind,
+        }),
+    }
+}
+
+/// Open an origin: a regular file or block device that is not empty.
+fn open_origin_file(path: &Path, opts: OpenOptions) -> Result<FileDev, PoolError> {
+    check_device_kind("origin", path)?;
+    let dev = FileDev::open(path, opts).map_err(io_err("opening the origin", path))?;
+    if exported_origin_bytes(dev.len()) == 0 {
+        return Err(PoolError::EmptyOrigin {
+            path: path.to_path_buf(),
+            bytes: dev.len(),
+        });
+    }
+    Ok(dev)
+}
+
+/// The bytes of an origin of `len` bytes that are exported: its whole
+/// 512-byte sectors (a partial last sector is never read or written).
+pub fn exported_origin_bytes(len: u64) -> u64 {
+    len / SECTOR_SIZE * SECTOR_SIZE
 }
 
 /// What `dmsnap create` is given.
@@ -136,6 +276,9 @@ pub struct SnapshotStatus {
     pub merge: Option<MergeProgress>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What reading the snapshot's store found worth telling (offline).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// How far a merge is.
@@ -164,12 +307,35 @@ impl From<&MergeStatus> for MergeProgress {
 pub struct PoolStatus {
     pub origin: OriginStatus,
     pub snapshots: Vec<SnapshotStatus>,
+    /// Snapshots whose merge completed (see [`Manifest::merged`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merged: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct OriginStatus {
     pub path: PathBuf,
+    /// The exported size in bytes: whole 512-byte sectors.
     pub size: u64,
+    /// Bytes at the end of the origin file that are not exported (a partial
+    /// last sector); 0 and omitted for a file of whole sectors.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unexported_bytes: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+impl OriginStatus {
+    fn new(path: PathBuf, file_bytes: u64) -> Self {
+        let size = exported_origin_bytes(file_bytes);
+        OriginStatus {
+            path,
+            size,
+            unexported_bytes: file_bytes - size,
+        }
+    }
 }
 
 fn state_name(s: SnapState) -> &'static str {
@@ -192,82 +358,151 @@ pub fn dm_status_line(state: SnapState, usage: Usage) -> String {
     }
 }
 
-/// An exclusive lock on a pool directory, released on drop.
+/// A lock on a pool directory, released on drop: exclusive for whoever
+/// changes the pool, shared for a reader.
 pub struct PoolLock {
-    _file: File,
+    _file: Option<File>,
+}
+
+fn flock(file: &File, op: libc::c_int, dir: &Path, path: &Path) -> Result<(), PoolError> {
+    // SAFETY: flock on a valid fd owned by `file`; no memory is involved.
+    let r = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(PoolError::Busy(dir.to_path_buf()));
+        }
+        return Err(PoolError::Io {
+            what: "locking the pool",
+            path: path.to_path_buf(),
+            source: e,
+        });
+    }
+    Ok(())
 }
 
 impl PoolLock {
     /// Take the lock without waiting.
     pub fn try_acquire(dir: &Path) -> Result<PoolLock, PoolError> {
+        Self::acquire(dir, &mut Undo::default())
+    }
+
+    /// Take the exclusive lock; a lock file made here is remembered in `undo`.
+    fn acquire(dir: &Path, undo: &mut Undo) -> Result<PoolLock, PoolError> {
         let path = dir.join(LOCK_FILE);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
+        let file = match std::fs::OpenOptions::new()
+            .create_new(true)
             .write(true)
             .open(&path)
-            .map_err(io_err("opening the pool lock", &path))?;
-        // SAFETY: flock on a valid fd owned by `file`; no memory is involved.
-        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if r != 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                return Err(PoolError::Busy(dir.to_path_buf()));
+        {
+            Ok(f) => {
+                undo.file(&path);
+                f
             }
-            return Err(PoolError::Io {
-                what: "locking the pool",
-                path,
-                source: e,
-            });
-        }
-        Ok(PoolLock { _file: file })
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(io_err("opening the pool lock", &path))?,
+            Err(e) => return Err(io_err("opening the pool lock", &path)(e)),
+        };
+        flock(&file, libc::LOCK_EX, dir, &path)?;
+        Ok(PoolLock { _file: Some(file) })
+    }
+
+    /// A reader's lock: shared, through a read-only descriptor, so it works
+    /// on a pool the caller may not write (a read-only mount or directory).
+    /// Without a lock file (never served or changed) there is nothing to
+    /// lock against; one that cannot be opened for reading is skipped too:
+    /// `Busy` only means that a writer holds it.
+    fn shared(dir: &Path) -> Result<PoolLock, PoolError> {
+        let path = dir.join(LOCK_FILE);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied
+                ) =>
+            {
+                return Ok(PoolLock { _file: None })
+            }
+            Err(e) => return Err(io_err("opening the pool lock", &path)(e)),
+        };
+        flock(&file, libc::LOCK_SH, dir, &path)?;
+        Ok(PoolLock { _file: Some(file) })
     }
 }
 
-/// Create a pool directory and its manifest.
-pub fn create_pool(dir: &Path, origin: OriginSpec) -> Result<Manifest, PoolError> {
+/// What `create_pool` made.
+#[derive(Debug, Clone)]
+pub struct CreatedPool {
+    pub manifest: Manifest,
+    /// The origin's size in bytes.
+    pub origin_bytes: u64,
+    /// What is exported of it: its whole 512-byte sectors.
+    pub exported_bytes: u64,
+}
+
+/// Create a pool directory and its manifest. On failure, whatever this made
+/// (directories, lock file, origin image, manifest) is removed again, and
+/// nothing that existed before is touched.
+pub fn create_pool(dir: &Path, origin: OriginSpec) -> Result<CreatedPool, PoolError> {
+    if let OriginSpec::Size(bytes) = origin {
+        if bytes == 0 || bytes % SECTOR_SIZE != 0 {
+            return Err(PoolError::Invalid(format!(
+                "origin size {bytes} is not a positive multiple of 512 bytes"
+            )));
+        }
+        check_file_size("an origin", bytes)?;
+    }
     if dir.join(MANIFEST).exists() {
         return Err(PoolError::Exists(dir.join(MANIFEST)));
     }
-    std::fs::create_dir_all(dir).map_err(io_err("creating the pool directory", dir))?;
-    let _lock = PoolLock::try_acquire(dir)?;
-    let entry = match origin {
+    let mut undo = Undo::default();
+    undo.create_dir_all(dir)
+        .map_err(io_err("creating the pool directory", dir))?;
+    let lock = PoolLock::acquire(dir, &mut undo)?;
+    let (entry, origin_bytes) = match origin {
         OriginSpec::Size(bytes) => {
-            if bytes == 0 || bytes % 512 != 0 {
-                return Err(PoolError::Invalid(format!(
-                    "origin size {bytes} is not a positive multiple of 512 bytes"
-                )));
-            }
             let path = dir.join(ORIGIN_IMAGE);
-            if path.exists() {
+            if path.symlink_metadata().is_ok() {
                 return Err(PoolError::Exists(path));
             }
-            FileDev::create_sparse(&path, bytes, OpenOptions::default())
-                .map_err(io_err("creating the origin image", &path))?;
-            OriginEntry {
-                path: ORIGIN_IMAGE.into(),
-                created: true,
-            }
+            undo.create_sparse(&path, bytes).map_err(create_err(
+                "creating the origin image",
+                &path,
+                bytes,
+            ))?;
+            (
+                OriginEntry {
+                    path: ORIGIN_IMAGE.into(),
+                    created: true,
+                },
+                bytes,
+            )
         }
         OriginSpec::Path(p) => {
             let abs = std::fs::canonicalize(&p).map_err(io_err("opening the origin", &p))?;
-            let dev = FileDev::open(&abs, OpenOptions::default())
-                .map_err(io_err("opening the origin", &abs))?;
-            if dev.len() == 0 {
-                return Err(PoolError::Invalid(format!(
-                    "the origin {} is empty",
-                    abs.display()
-                )));
-            }
-            OriginEntry {
-                path: abs,
-                created: false,
-            }
+            let dev = open_origin_file(&abs, OpenOptions::default())?;
+            (
+                OriginEntry {
+                    path: abs,
+                    created: false,
+                },
+                dev.len(),
+            )
         }
     };
     let m = Manifest::new(entry);
+    undo.file(&dir.join(MANIFEST));
     m.save(dir)?;
-    Ok(m)
+    drop(lock);
+    undo.keep();
+    Ok(CreatedPool {
+        manifest: m,
+        origin_bytes,
+        exported_bytes: exported_origin_bytes(origin_bytes),
+    })
 }
 
 /// What an existing COW's first chunk says.
@@ -288,22 +523,51 @@ pub struct Pool {
     dir: PathBuf,
     manifest: Manifest,
     _lock: PoolLock,
+    /// False when opened with [`Pool::open_read_only`]: only reads are allowed.
+    writable: bool,
 }
 
 impl Pool {
     /// Open `dir` and take its lock (fails with `Busy` while a daemon runs).
     pub fn open(dir: &Path) -> Result<Pool, PoolError> {
+        Self::open_with(dir, true)
+    }
+
+    /// Open `dir` to read it (`status`, `snapshot list`) under a shared
+    /// lock taken read-only: works on a pool this process cannot write, and
+    /// fails with `Busy` while a writer (a daemon, an offline change) holds it.
+    pub fn open_read_only(dir: &Path) -> Result<Pool, PoolError> {
+        Self::open_with(dir, false)
+    }
+
+    fn open_with(dir: &Path, writable: bool) -> Result<Pool, PoolError> {
         if !dir.join(MANIFEST).exists() {
             return Err(PoolError::NotAPool(dir.to_path_buf()));
         }
-        let lock = PoolLock::try_acquire(dir)?;
+        let lock = if writable {
+            PoolLock::try_acquire(dir)?
+        } else {
+            PoolLock::shared(dir)?
+        };
         let manifest = Manifest::load(dir)?;
         let dir = std::fs::canonicalize(dir).map_err(io_err("opening the pool", dir))?;
         Ok(Pool {
             dir,
             manifest,
             _lock: lock,
+            writable,
         })
+    }
+
+    fn check_writable(&self) -> Result<(), PoolError> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(PoolError::Invalid(format!(
+                "the pool {} was opened read-only",
+                self.dir.display()
+            )))
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -320,24 +584,57 @@ impl Pool {
     }
 
     fn open_origin(&self, direct: bool) -> Result<FileDev, PoolError> {
-        let p = self.origin_path();
-        FileDev::open(
-            &p,
+        open_origin_file(
+            &self.origin_path(),
             OpenOptions {
                 read_only: false,
                 direct,
             },
         )
-        .map_err(io_err("opening the origin", &p))
+    }
+
+    /// Refuse as the COW of a new snapshot a file or device the pool already
+    /// uses: another snapshot's COW, the origin, the manifest or the lock.
+    /// Compared by identity, not by path: a symlink, a path through `..` or
+    /// a hard link to one of them is refused as well.
+    fn check_cow_unused(&self, path: &Path) -> Result<(), PoolError> {
+        let id = FileId::of(path).map_err(io_err("opening the COW", path))?;
+        let is = |p: &Path| FileId::of(p).is_ok_and(|other| other == id);
+        if is(&self.origin_path()) {
+            return Err(PoolError::CowIsPoolFile {
+                path: path.to_path_buf(),
+                what: "the origin",
+            });
+        }
+        for e in &self.manifest.snapshots {
+            if is(&self.cow_path(e)) {
+                return Err(PoolError::CowInUse {
+                    path: path.to_path_buf(),
+                    user: e.name.clone(),
+                });
+            }
+        }
+        for (f, what) in [(MANIFEST, "the manifest"), (LOCK_FILE, "the lock file")] {
+            if is(&self.dir.join(f)) {
+                return Err(PoolError::CowIsPoolFile {
+                    path: path.to_path_buf(),
+                    what,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Prepare the COW for a new snapshot and return its manifest entry
-    /// (not yet recorded) and the open device.
+    /// (not yet recorded) and the open device. On failure a COW file made
+    /// here is removed again; an existing one given with `--cow` is never
+    /// removed.
     fn prepare_cow(
         &self,
         origin_len: u64,
         req: &SnapshotRequest,
     ) -> Result<(SnapshotEntry, DevRef), PoolError> {
+        self.check_writable()?;
         check_name(&req.name).map_err(PoolError::Invalid)?;
         if self.manifest.snapshot(&req.name).is_some() {
             return Err(PoolError::SnapshotExists(req.name.clone()));
@@ -349,15 +646,17 @@ impl Pool {
             )));
         }
         let mut chunk = req.chunk_size.unwrap_or(ChunkSize::DEFAULT);
-        if chunk.bytes() < 4096 {
-            return Err(PoolError::Invalid(format!(
-                "chunk size {chunk} is below the 4 KiB minimum"
-            )));
+        if chunk.bytes() < MIN_CHUNK_BYTES {
+            return Err(PoolError::BadChunkSize {
+                bytes: chunk.bytes(),
+                source: None,
+            });
         }
+        let mut undo = Undo::default();
         let (stored, created, dev): (PathBuf, bool, FileDev) = match &req.cow {
             CowSpec::New(size) => {
                 let path = self.dir.join(format!("{}.cow", req.name));
-                if path.exists() {
+                if path.symlink_metadata().is_ok() {
                     return Err(PoolError::Exists(path));
                 }
                 let bytes = size.unwrap_or_else(|| cow_size_for_origin(chunk, origin_len));
@@ -367,17 +666,25 @@ impl Pool {
                         "COW size {bytes} is too small: a {chunk} chunk store needs at least {min} bytes (header, one metadata area, one data chunk)"
                     )));
                 }
-                let dev = FileDev::create_sparse(&path, bytes, OpenOptions::default())
-                    .map_err(io_err("creating the COW", &path))?;
+                if bytes == 0 {
+                    return Err(PoolError::Invalid(
+                        "COW size 0 is too small: a transient store needs room for at least one chunk".into(),
+                    ));
+                }
+                check_file_size("a COW", bytes)?;
+                undo.create_sparse(&path, bytes).map_err(create_err(
+                    "creating the COW",
+                    &path,
+                    bytes,
+                ))?;
+                let dev = FileDev::open(&path, OpenOptions::default())
+                    .map_err(io_err("opening the COW", &path))?;
                 (format!("{}.cow", req.name).into(), true, dev)
             }
             CowSpec::Existing(p) => {
                 let abs = std::fs::canonicalize(p).map_err(io_err("opening the COW", p))?;
-                if abs == self.origin_path() {
-                    return Err(PoolError::Invalid(
-                        "the COW device cannot be the origin".into(),
-                    ));
-                }
+                check_device_kind("COW", &abs)?;
+                self.check_cow_unused(&abs)?;
                 let dev = FileDev::open(&abs, OpenOptions::default())
                     .map_err(io_err("opening the COW", &abs))?;
                 (abs, false, dev)
@@ -429,6 +736,7 @@ impl Pool {
             state: EntryState::Active,
             activated: false,
         };
+        undo.keep();
         Ok((entry, dev))
     }
 
@@ -436,11 +744,14 @@ impl Pool {
     /// snapshot is simply recorded; it starts collecting exceptions when the
     /// pool is next served.
     pub fn create_snapshot(&mut self, req: &SnapshotRequest) -> Result<SnapshotEntry, PoolError> {
-        let origin_len = self.open_origin(false)?.len();
-        let (entry, _dev) = self.prepare_cow(origin_len, req)?;
-        self.manifest.snapshots.push(entry.clone());
+        self.check_writable()?;
+        let origin_len = exported_origin_bytes(self.open_origin(false)?.len());
+        let (entry, dev) = self.prepare_cow(origin_len, req)?;
+        drop(dev);
+        let before = self.manifest.clone();
+        self.manifest.add_snapshot(entry.clone());
         if let Err(e) = self.manifest.save(&self.dir) {
-            self.manifest.snapshots.pop();
+            self.manifest = before;
             self.discard_cow(&entry);
             return Err(e);
         }
@@ -458,6 +769,7 @@ impl Pool {
 
     /// `snapshot remove` with no daemon.
     pub fn remove_snapshot(&mut self, name: &str) -> Result<(), PoolError> {
+        self.check_writable()?;
         let e = self.removable(name)?;
         self.manifest.snapshots.retain(|s| s.name != name);
         self.manifest.save(&self.dir)?;
@@ -487,24 +799,29 @@ impl Pool {
     /// `status` with no daemon: read each COW's header and metadata.
     pub fn status(&self) -> Result<PoolStatus, PoolError> {
         let origin = self.origin_path();
-        let size = FileDev::open(
+        let len = open_origin_file(
             &origin,
             OpenOptions {
                 read_only: true,
                 direct: false,
             },
-        )
-        .map_err(io_err("opening the origin", &origin))?
+        )?
         .len();
         let snapshots = self
             .manifest
             .snapshots
             .iter()
-            .map(|e| self.offline_snapshot_status(e))
+            .map(|e| {
+                let (mut st, warnings) =
+                    capture::capture_warnings(|| self.offline_snapshot_status(e));
+                st.warnings = warnings;
+                st
+            })
             .collect();
         Ok(PoolStatus {
-            origin: OriginStatus { path: origin, size },
+            origin: OriginStatus::new(origin, len),
             snapshots,
+            merged: self.manifest.merged.clone(),
         })
     }
 
@@ -522,6 +839,7 @@ impl Pool {
             metadata_sectors: 0,
             merge: None,
             error: None,
+            warnings: Vec::new(),
         };
         let read = || -> Result<(SnapState, Usage), String> {
             let dev = FileDev::open(
@@ -583,7 +901,20 @@ impl Pool {
     /// Bring the pool up: open the origin, activate every snapshot (in
     /// manifest order), resume an interrupted merge.
     pub fn activate(mut self, opts: ActivateOptions) -> Result<Arc<ActivePool>, PoolError> {
-        let origin_dev: DevRef = Arc::new(self.open_origin(opts.direct)?);
+        self.check_writable()?;
+        let file = self.open_origin(opts.direct)?;
+        let unexported_bytes = file.len() % SECTOR_SIZE;
+        let origin_dev: DevRef = if file.len() % SECTOR_SIZE != 0 {
+            tracing::warn!(
+                "the origin {} is {} bytes, not a whole number of 512-byte sectors: its last {} bytes are not exported",
+                file.path().display(),
+                file.len(),
+                file.len() % SECTOR_SIZE
+            );
+            Arc::new(SectorAligned::new(file))
+        } else {
+            Arc::new(file)
+        };
         let origin = Origin::new(origin_dev);
         origin.set_durable_snapshot_writes(opts.sync_snapshot_writes);
         let mut dropped = Vec::new();
@@ -597,6 +928,7 @@ impl Pool {
                 continue;
             }
             let cow = self.cow_path(e);
+            check_device_kind("COW", &cow)?;
             let dev = FileDev::open(
                 &cow,
                 OpenOptions {
@@ -605,8 +937,7 @@ impl Pool {
                 },
             )
             .map_err(io_err("opening the COW", &cow))?;
-            let chunk = ChunkSize::from_bytes(e.chunk_size)
-                .map_err(|err| PoolError::Invalid(err.to_string()))?;
+            let chunk = recorded_chunk_size(e)?;
             origin
                 .add_snapshot(&e.name, Arc::new(dev), e.store, Some(chunk))
                 .map_err(|source| match source {
@@ -638,6 +969,7 @@ impl Pool {
         let active = Arc::new(ActivePool {
             dir: self.dir.clone(),
             origin,
+            unexported_bytes,
             inner: Mutex::new(self),
         });
         if let Some(name) = merging {
@@ -662,6 +994,8 @@ pub struct ActivateOptions {
 pub struct ActivePool {
     dir: PathBuf,
     origin: Arc<Origin>,
+    /// Bytes at the end of the origin file that are not exported.
+    unexported_bytes: u64,
     inner: Mutex<Pool>,
 }
 
@@ -678,8 +1012,13 @@ impl ActivePool {
     pub fn create_snapshot(&self, req: &SnapshotRequest) -> Result<SnapshotEntry, PoolError> {
         let mut pool = self.inner.lock();
         let (mut entry, dev) = pool.prepare_cow(self.origin.size(), req)?;
-        let chunk = ChunkSize::from_bytes(entry.chunk_size)
-            .map_err(|e| PoolError::Invalid(e.to_string()))?;
+        let chunk = match recorded_chunk_size(&entry) {
+            Ok(c) => c,
+            Err(e) => {
+                pool.discard_cow(&entry);
+                return Err(e);
+            }
+        };
         if let Err(e) = self
             .origin
             .add_snapshot(&entry.name, dev, entry.store, Some(chunk))
@@ -694,10 +1033,11 @@ impl ActivePool {
             });
         }
         entry.activated = true;
-        pool.manifest.snapshots.push(entry.clone());
+        let before = pool.manifest.clone();
+        pool.manifest.add_snapshot(entry.clone());
         let dir = pool.dir.clone();
         if let Err(e) = pool.manifest.save(&dir) {
-            pool.manifest.snapshots.pop();
+            pool.manifest = before;
             let _ = self.origin.remove_snapshot(&entry.name);
             pool.discard_cow(&entry);
             return Err(e);
@@ -720,6 +1060,11 @@ impl ActivePool {
     /// Start rolling the origin back to snapshot `name`.
     pub fn start_merge(&self, name: &str) -> Result<(), PoolError> {
         let mut pool = self.inner.lock();
+        if pool.manifest.was_merged(name) {
+            // Its merge completed (maybe just now, before this request
+            // arrived): asking again is not an error.
+            return Ok(());
+        }
         let e = pool.entry(name)?;
         if let Some(m) = pool.manifest.merging() {
             if m.name == name {
@@ -785,7 +1130,7 @@ impl ActivePool {
             if let Some(e) = pool.manifest.snapshot(&st.name).cloned() {
                 if e.state == EntryState::Merging {
                     self.origin.remove_snapshot(&st.name)?;
-                    pool.manifest.snapshots.retain(|s| s.name != st.name);
+                    pool.manifest.record_merged(&st.name);
                     let dir = pool.dir.clone();
                     pool.manifest.save(&dir)?;
                     pool.discard_cow(&e);
@@ -830,6 +1175,7 @@ impl ActivePool {
                         .filter(|m| m.name == e.name)
                         .map(MergeProgress::from),
                     error: None,
+                    warnings: Vec::new(),
                 }
             })
             .collect();
@@ -837,8 +1183,10 @@ impl ActivePool {
             origin: OriginStatus {
                 path: pool.origin_path(),
                 size: self.origin.size(),
+                unexported_bytes: self.unexported_bytes,
             },
             snapshots,
+            merged: pool.manifest.merged.clone(),
         }
     }
 
