@@ -195,6 +195,11 @@ pub trait ExportSet: Send + Sync {
     fn get(&self, name: &str) -> Option<Arc<dyn Device>>;
     /// Every export name, in a stable order.
     fn names(&self) -> Vec<String>;
+    /// What export `name` is, for people (`NBD_INFO_DESCRIPTION`, the
+    /// descriptions of `NBD_OPT_LIST`).
+    fn description(&self, _name: &str) -> Option<String> {
+        None
+    }
 }
 
 /// A fixed set of exports (tests, simple tools).

@@ -1254,4 +1254,34 @@ impl ExportSet for ActivePool {
         v.extend(self.exported_snapshots());
         v
     }
+    /// "origin of POOL (1.0 GiB)", "snapshot s1 of POOL, 4 KiB chunks, 12%
+    /// used" (with its state when it is not active).
+    fn description(&self, name: &str) -> Option<String> {
+        let pool = self
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| self.dir.display().to_string());
+        if name == "origin" {
+            return Some(format!(
+                "origin of {pool} ({})",
+                human_bytes(self.origin.size())
+            ));
+        }
+        let s = self.origin.snapshot(name)?;
+        let st = s.status();
+        let used = if st.usage.total.0 == 0 {
+            0
+        } else {
+            st.usage.allocated.0.saturating_mul(100) / st.usage.total.0
+        };
+        let state = match st.state {
+            SnapState::Active => String::new(),
+            other => format!(", {}", state_name(other)),
+        };
+        Some(format!(
+            "snapshot {name} of {pool}, {} chunks, {used}% used{state}",
+            s.chunk_size()
+        ))
+    }
 }

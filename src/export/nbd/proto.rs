@@ -459,12 +459,34 @@ pub fn encode_option_error(out: &mut Vec<u8>, option: u32, reply_type: u32, msg:
     encode_option_reply(out, option, reply_type, msg.as_bytes());
 }
 
-/// `NBD_REP_SERVER` for `NBD_OPT_LIST`.
-pub fn encode_rep_server(out: &mut Vec<u8>, name: &str) {
-    let mut data = Vec::with_capacity(4 + name.len());
+/// A human-readable string cut to the spec's bound (4096 bytes) at a
+/// character boundary.
+fn bounded_text(s: &str) -> &str {
+    let mut end = s.len().min(MAX_STRING);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.get(..end).unwrap_or("")
+}
+
+/// `NBD_REP_SERVER` for `NBD_OPT_LIST`: the name, then its description
+/// (the rest of the reply, as the spec allows).
+pub fn encode_rep_server(out: &mut Vec<u8>, name: &str, description: Option<&str>) {
+    let desc = bounded_text(description.unwrap_or(""));
+    let mut data = Vec::with_capacity(4 + name.len() + desc.len());
     data.extend_from_slice(&(name.len() as u32).to_be_bytes());
     data.extend_from_slice(name.as_bytes());
+    data.extend_from_slice(desc.as_bytes());
     encode_option_reply(out, opt::LIST, rep::SERVER, &data);
+}
+
+/// `NBD_REP_INFO` / `NBD_INFO_DESCRIPTION`.
+pub fn encode_info_description(out: &mut Vec<u8>, option: u32, text: &str) {
+    let text = bounded_text(text);
+    let mut data = Vec::with_capacity(2 + text.len());
+    data.extend_from_slice(&info::DESCRIPTION.to_be_bytes());
+    data.extend_from_slice(text.as_bytes());
+    encode_option_reply(out, option, rep::INFO, &data);
 }
 
 /// `NBD_REP_INFO` / `NBD_INFO_EXPORT`.

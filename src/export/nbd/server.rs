@@ -793,7 +793,8 @@ fn handshake(
             }
             NbdOption::List => {
                 for name in sh.exports.names() {
-                    proto::encode_rep_server(&mut out, &name);
+                    let desc = sh.exports.description(&name);
+                    proto::encode_rep_server(&mut out, &name, desc.as_deref());
                 }
                 proto::encode_option_reply(&mut out, opt::LIST, rep::ACK, &[]);
             }
@@ -815,6 +816,11 @@ fn handshake(
                         );
                         if req.requests.contains(&proto::info::NAME) {
                             proto::encode_info_name(&mut out, option, &export.name);
+                        }
+                        if req.requests.contains(&proto::info::DESCRIPTION) {
+                            if let Some(d) = sh.exports.description(&export.name) {
+                                proto::encode_info_description(&mut out, option, &d);
+                            }
                         }
                         proto::encode_info_block_size(
                             &mut out,
