@@ -1270,11 +1270,13 @@ impl ExportSet for ActivePool {
         }
         let s = self.origin.snapshot(name)?;
         let st = s.status();
-        let used = if st.usage.total.0 == 0 {
-            0
-        } else {
-            st.usage.allocated.0.saturating_mul(100) / st.usage.total.0
-        };
+        let used = st
+            .usage
+            .allocated
+            .0
+            .saturating_mul(100)
+            .checked_div(st.usage.total.0)
+            .unwrap_or(0);
         let state = match st.state {
             SnapState::Active => String::new(),
             other => format!(", {}", state_name(other)),
