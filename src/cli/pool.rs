@@ -307,7 +307,8 @@ pub struct ServeArgs {
     /// The pool directory.
     pub pool: PathBuf,
     /// Where to listen for NBD clients: unix:PATH or tcp:HOST:PORT; repeatable
-    /// [default: unix:POOL/nbd.sock].
+    /// [default: unix:POOL/nbd.sock, or only the sockets passed by systemd
+    /// socket activation (LISTEN_FDS) when there are any].
     #[arg(long = "listen", value_name = "ADDR")]
     pub listen: Vec<String>,
     /// Also mount a FUSE filesystem at DIR with one file per device (DIR/origin, DIR/NAME).
@@ -378,7 +379,13 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             ),
         }
     }
-    let listens: Vec<Listen> = if a.listen.is_empty() {
+    // Listeners passed by a service manager (systemd socket activation),
+    // taken before any thread starts (it edits the environment).
+    let passed = dmsnap::export::nbd::activation::take_listen_fds()
+        .context("cannot take the listeners passed by the service manager")?;
+    let listens: Vec<Listen> = if !passed.is_empty() && a.listen.is_empty() {
+        Vec::new()
+    } else if a.listen.is_empty() {
         vec![Listen::Unix(a.pool.join(pool::NBD_SOCKET))]
     } else {
         a.listen
@@ -419,6 +426,19 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                 eprintln!("serving NBD on unix:{}", p.display())
             }
             dmsnap::export::nbd::BoundAddr::Tcp(a) => eprintln!("serving NBD on tcp:{a}"),
+        }
+    }
+    for fd in passed {
+        let bound = server
+            .listen_fd(fd)
+            .context("cannot serve on a listener passed by the service manager")?;
+        match bound.local_addr() {
+            dmsnap::export::nbd::BoundAddr::Unix(p) => {
+                eprintln!("serving NBD on unix:{} (socket activation)", p.display())
+            }
+            dmsnap::export::nbd::BoundAddr::Tcp(a) => {
+                eprintln!("serving NBD on tcp:{a} (socket activation)")
+            }
         }
     }
     #[cfg(feature = "fuse")]

@@ -2,6 +2,7 @@
 //! lengths), [`server`] the fixed-newstyle server over Unix and TCP sockets
 //! that serves any [`crate::device::ExportSet`].
 
+pub mod activation;
 pub mod proto;
 pub mod server;
 

@@ -217,6 +217,39 @@ impl NbdServer {
         Ok(BoundListener { addr })
     }
 
+    /// Serve on a listening socket passed in (systemd socket activation:
+    /// [`activation::take_listen_fds`](super::activation::take_listen_fds)),
+    /// unix or TCP. Its socket file, if any, belongs to whoever made it and
+    /// is left in place at shutdown.
+    pub fn listen_fd(&self, fd: std::os::fd::OwnedFd) -> io::Result<BoundListener> {
+        if self.shared.stopping.load(Ordering::SeqCst) {
+            return Err(io::Error::other("the NBD server is shutting down"));
+        }
+        let ul = UnixListener::from(fd);
+        let (listener, addr) = match ul.local_addr() {
+            Ok(a) => {
+                let path = a.as_pathname().map(Path::to_path_buf).unwrap_or_default();
+                (Listener::Unix(ul), BoundAddr::Unix(path))
+            }
+            Err(_) => {
+                let tl = TcpListener::from(std::os::fd::OwnedFd::from(ul));
+                let a = tl.local_addr().map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("a passed descriptor is neither a unix nor a TCP socket: {e}"),
+                    )
+                })?;
+                (Listener::Tcp(tl), BoundAddr::Tcp(a))
+            }
+        };
+        let shared = self.shared.clone();
+        let t = std::thread::Builder::new()
+            .name("nbd-accept".into())
+            .spawn(move || accept_loop(&shared, listener))?;
+        self.shared.accept_threads.lock().push(t);
+        Ok(BoundListener { addr })
+    }
+
     /// Number of connections being served.
     pub fn connections(&self) -> usize {
         self.shared.conns.lock().live.len()
