@@ -6,8 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests drive: NBD clients (qemu-img/qemu-io, nbdinfo,
-# nbdcopy, fio), FUSE, filesystems and loop devices, zstd for fixtures.
-PKGS=(qemu-utils libnbd-bin fio fuse3 e2fsprogs util-linux zstd)
+# nbdcopy, fio; libnbd for Python: bench/soak.py), FUSE, filesystems and loop
+# devices, zstd for fixtures.
+PKGS=(qemu-utils libnbd-bin python3-libnbd fio fuse3 e2fsprogs util-linux zstd)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
