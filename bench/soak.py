@@ -540,6 +540,12 @@ class Soak:
                 if not s.invalid and s.small and s.store == "P":
                     self.stats["p_invalidations"] += 1
                 s.invalid = True
+                # Every I/O to an Invalid snapshot fails (kernel).
+                self.handle(s.name, 0)
+                err, _ = self.wait(self.pool_exec.submit(self.nbd_op, "read", s.name, 0, BLOCK, None),
+                                   "check: read of Invalid %s" % s.name)
+                if err is None:
+                    self.mismatch("check: a read of %s succeeded; it is Invalid" % s.name)
             elif state == "overflow":
                 s.overflowed = True
         # whole reads
