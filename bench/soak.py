@@ -465,6 +465,37 @@ class Soak:
         m.snaps[name] = Snap(name, store, chunk, cow or 0, small)
         self.stats["snap_create"] += 1
         self.log("created %s (%s%s, chunk %d)" % (name, store, ", COW %d KiB" % (cow // 1024) if cow else "", chunk))
+        if small and store == "PO" and self.rng.random() < 0.7:
+            self.overflow(m.snaps[name])
+
+    def overflow(self, s):
+        """Write single blocks to PO snapshot s, nothing else in flight,
+        until it refuses one, then two more (refused too: once overflowed,
+        every snapshot write fails)."""
+        m = self.model
+        self.handle(s.name, 0)
+        refused = 0
+        while refused < 3 and s.need() <= s.cap + 2:
+            b = self.rng.randrange(m.size // BLOCK)
+            data = os.urandom(BLOCK)
+            err = self.wait(self.pool_exec.submit(self.nbd_op, "write", s.name, b * BLOCK, BLOCK, data),
+                            "overflow: write %s block %d at %d of %d chunks" % (s.name, b, s.need(), s.cap))
+            self.stats["ops"] += 1
+            self.stats["writes"] += 1
+            if err is None:
+                if s.overflowed:
+                    self.mismatch("%s: a write succeeded after an earlier one overflowed the PO store" % s.name)
+                m.snap_write(s, b * BLOCK, data)
+                continue
+            refused += 1
+            self.stats["refused_writes"] += 1
+            if not s.near_full() and b not in s.blocks:
+                self.mismatch("overflow: write %s block %d refused at %d of %d chunks: %s"
+                              % (s.name, b, s.need(), s.cap, err))
+            if not s.overflowed:
+                self.stats["po_overflows"] += 1
+                self.log("%s: overflowed at %d of %d chunks (%s)" % (s.name, s.need(), s.cap, err))
+            s.overflowed = True
 
     def snap_remove(self):
         cands = [s for s in self.model.snaps.values() if not s.merging]
