@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests drive: NBD clients (qemu-img/qemu-io, nbdinfo,
-# nbdcopy, fio; python3-libnbd for the backup recipe), FUSE, filesystems and
+# nbdcopy, fio; python3-libnbd for the backup recipe and bench/soak.py), FUSE, filesystems and
 # loop devices, zstd for fixtures, gdb for the test watchdog (thread stacks
 # of a hung test).
 PKGS=(qemu-utils libnbd-bin python3-libnbd fio fuse3 e2fsprogs util-linux zstd gdb)

@@ -51,7 +51,8 @@ fn serve_takes_the_listeners_systemd_passes() {
         .output()
         .unwrap();
     assert!(
-        r.status.success() && !String::from_utf8_lossy(&r.stdout).contains("Pattern verification failed"),
+        r.status.success()
+            && !String::from_utf8_lossy(&r.stdout).contains("Pattern verification failed"),
         "{}{}",
         String::from_utf8_lossy(&r.stdout),
         String::from_utf8_lossy(&r.stderr)

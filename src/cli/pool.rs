@@ -491,27 +491,82 @@ pub fn serve(a: ServeArgs) -> Result<()> {
 
     let sig = wait_signal(&sigs);
     eprintln!("signal {sig}: finishing in-flight requests and shutting down");
+    // Everything below is bounded so that the daemon ends within
+    // SHUTDOWN_BUDGET of the signal even when a device does not answer: the
+    // NBD server gives in-flight requests its grace period, then answers the
+    // rest with ESHUTDOWN; unmounting, the monitor and the final flush get
+    // what is left of the budget.
+    let deadline = std::time::Instant::now() + SHUTDOWN_BUDGET;
     control.stop();
     server.shutdown();
+    let mut stuck: Vec<&str> = Vec::new();
     #[cfg(feature = "fuse")]
     if let Some(m) = fuse {
-        if let Err(e) = m.unmount() {
-            eprintln!(
+        match bounded(deadline, move || m.unmount()) {
+            Some(Ok(())) => {}
+            Some(Err(e)) => eprintln!(
                 "dmsnap: unmounting the FUSE export: {}",
                 pool::error_chain(&e)
-            );
+            ),
+            None => stuck.push("unmounting the FUSE export"),
         }
     }
     stop_monitor.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = monitor.join();
-    active.shutdown().context("shutting down the pool")?;
+    if bounded(deadline, move || monitor.join()).is_none() {
+        stuck.push("the monitor (a sync of snapshot records)");
+    }
+    let flushed = if stuck.is_empty() {
+        let active = active.clone();
+        bounded(deadline, move || active.shutdown())
+    } else {
+        None
+    };
     for l in &listens {
         if let Listen::Unix(p) = l {
             let _ = std::fs::remove_file(p);
         }
     }
+    match flushed {
+        Some(r) => r.context("shutting down the pool")?,
+        None => {
+            if stuck.is_empty() {
+                stuck.push("the final flush");
+            }
+            // Threads are stuck in device calls that may never return:
+            // do not run destructors that would join them.
+            eprintln!(
+                "dmsnap: a device does not answer ({} did not finish within {} s of the signal); \
+                 stopping without the final flush (unflushed writes may be lost, as in a crash; \
+                 everything clients flushed is durable)",
+                stuck.join(", "),
+                SHUTDOWN_BUDGET.as_secs()
+            );
+            let _ = std::io::stderr().flush();
+            std::process::exit(0);
+        }
+    }
     eprintln!("stopped");
     Ok(())
+}
+
+/// From SIGINT/SIGTERM to the end of the process, at most this long (the NBD
+/// server's grace period for in-flight requests is 5 s of it).
+const SHUTDOWN_BUDGET: Duration = Duration::from_secs(9);
+
+/// Run `f` on its own thread and wait for it until `deadline`; None if it
+/// did not finish by then (the thread is left running).
+fn bounded<T: Send + 'static>(
+    deadline: std::time::Instant,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::Builder::new()
+        .name("shutdown".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .ok()?;
+    rx.recv_deadline(deadline).ok()
 }
 
 /// Roll the origin back to snapshot NAME (the kernel's snapshot-merge).

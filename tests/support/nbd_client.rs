@@ -151,3 +151,51 @@ impl NbdClient {
         self.s.write_all(&h)
     }
 }
+
+/// Pieces for tests that keep a request in flight (a stuck device) or must
+/// not wait forever for a reply.
+impl NbdClient {
+    /// Read and write timeouts on the socket: a reply that does not come
+    /// fails the call (`WouldBlock`/`TimedOut`) instead of hanging the test.
+    pub fn set_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        self.s.set_read_timeout(t)?;
+        self.s.set_write_timeout(t)
+    }
+
+    /// Send one request without waiting for its reply; returns its cookie.
+    pub fn send(
+        &mut self,
+        typ: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> io::Result<u64> {
+        self.cookie += 1;
+        let mut h = Vec::with_capacity(28 + payload.len());
+        h.extend_from_slice(&0x25609513u32.to_be_bytes());
+        h.extend_from_slice(&flags.to_be_bytes());
+        h.extend_from_slice(&typ.to_be_bytes());
+        h.extend_from_slice(&self.cookie.to_be_bytes());
+        h.extend_from_slice(&offset.to_be_bytes());
+        h.extend_from_slice(&len.to_be_bytes());
+        h.extend_from_slice(payload);
+        self.s.write_all(&h)?;
+        Ok(self.cookie)
+    }
+
+    /// Receive one simple reply header: (error, cookie). A successful READ
+    /// reply is followed by its data, which the caller must read.
+    pub fn recv(&mut self) -> io::Result<(u32, u64)> {
+        let magic = u32::from_be_bytes(rd::<4>(&mut self.s)?);
+        if magic != 0x67446698 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("reply magic {magic:#x}"),
+            ));
+        }
+        let err = u32::from_be_bytes(rd::<4>(&mut self.s)?);
+        let cookie = u64::from_be_bytes(rd::<8>(&mut self.s)?);
+        Ok((err, cookie))
+    }
+}

@@ -161,6 +161,8 @@ struct Shared {
     conns: Mutex<ConnTable>,
     conns_changed: Condvar,
     next_id: AtomicU64,
+    /// [`NbdServer::shutdown`] ran to its end (later calls return at once).
+    shut_down: AtomicBool,
 }
 
 #[derive(Default)]
@@ -174,7 +176,16 @@ struct ConnEntry {
     /// A clone of the socket, to cut it on shutdown.
     stream: Stream,
     thread: Option<JoinHandle<()>>,
+    /// The connection's transmission state, once the handshake is over: on
+    /// shutdown, the requests still unanswered after the grace period are
+    /// answered with an error through it.
+    conn: Option<std::sync::Weak<Conn>>,
 }
+
+/// After the grace period, how long connections whose requests were
+/// answered with an error get to end before shutdown leaves them behind
+/// (their worker is stuck in a device call that never returns).
+const ABORT_WAIT: Duration = Duration::from_secs(1);
 
 impl NbdServer {
     pub fn new(exports: Arc<dyn ExportSet>, opts: ServerOptions) -> Self {
@@ -188,6 +199,7 @@ impl NbdServer {
                 conns: Mutex::new(ConnTable::default()),
                 conns_changed: Condvar::new(),
                 next_id: AtomicU64::new(0),
+                shut_down: AtomicBool::new(false),
             }),
         }
     }
@@ -256,9 +268,17 @@ impl NbdServer {
     }
 
     /// Stop accepting, let in-flight requests finish, close connections,
-    /// join threads. Idempotent.
+    /// join threads. Bounded: after [`ServerOptions::shutdown_grace`], the
+    /// requests still unanswered (a device that does not answer, a client
+    /// that does not read) get an `ESHUTDOWN` reply and their sockets are
+    /// cut; connections whose workers are stuck in a device call are then
+    /// left behind (their late replies are dropped). Returns within about
+    /// `shutdown_grace` + 2 s. Idempotent.
     pub fn shutdown(&self) {
         let sh = &self.shared;
+        if sh.shut_down.load(Ordering::SeqCst) {
+            return;
+        }
         sh.stopping.store(true, Ordering::SeqCst);
         let accepts: Vec<_> = sh.accept_threads.lock().drain(..).collect();
         for t in accepts {
@@ -280,20 +300,58 @@ impl NbdServer {
                 .wait_until(&mut table, deadline)
                 .timed_out()
             {
-                // Clients that do not read their replies: cut them off.
-                for e in table.live.values() {
-                    let _ = e.stream.shutdown(Shutdown::Both);
+                break;
+            }
+        }
+        if !table.live.is_empty() {
+            // Stuck devices or clients that do not read their replies:
+            // answer what is left with an error, cut the sockets.
+            let conns: Vec<_> = table
+                .live
+                .values()
+                .map(|e| {
+                    let _ = e.stream.set_write_timeout(Some(ABORT_WAIT));
+                    (
+                        e.conn.as_ref().and_then(|w| w.upgrade()),
+                        e.stream.try_clone(),
+                    )
+                })
+                .collect();
+            // Not under the table lock: answering writes to sockets.
+            drop(table);
+            let mut answered = 0;
+            for (conn, stream) in conns {
+                if let Some(c) = conn {
+                    answered += c.abort(errno::ESHUTDOWN, "the server is shutting down");
                 }
-                while !table.live.is_empty() {
-                    sh.conns_changed.wait(&mut table);
+                if let Ok(s) = stream {
+                    let _ = s.shutdown(Shutdown::Both);
                 }
             }
+            table = sh.conns.lock();
+            let deadline = Instant::now() + ABORT_WAIT;
+            while !table.live.is_empty() {
+                if sh
+                    .conns_changed
+                    .wait_until(&mut table, deadline)
+                    .timed_out()
+                {
+                    break;
+                }
+            }
+            tracing::warn!(
+                answered,
+                stuck = table.live.len(),
+                "nbd: shutdown grace over: unanswered requests got ESHUTDOWN; \
+                 connections stuck in a device are left behind"
+            );
         }
         let finished: Vec<_> = table.finished.drain(..).collect();
         drop(table);
         for t in finished {
             let _ = t.join();
         }
+        sh.shut_down.store(true, Ordering::SeqCst);
     }
 }
 
@@ -557,7 +615,7 @@ fn start_connection(sh: &Arc<Shared>, stream: Stream) {
     let spawned = std::thread::Builder::new()
         .name(format!("nbd-conn-{id}"))
         .spawn(move || {
-            if let Err(e) = serve_connection(&sh2, stream) {
+            if let Err(e) = serve_connection(&sh2, id, stream) {
                 tracing::debug!("nbd: connection {id} ended: {e}");
             }
             let mut t = sh2.conns.lock();
@@ -575,6 +633,7 @@ fn start_connection(sh: &Arc<Shared>, stream: Stream) {
                 ConnEntry {
                     stream: clone,
                     thread: Some(h),
+                    conn: None,
                 },
             );
         }
@@ -640,7 +699,7 @@ fn resolve(sh: &Shared, name: &str) -> Option<Export> {
     })
 }
 
-fn serve_connection(sh: &Arc<Shared>, stream: Stream) -> Result<(), ConnError> {
+fn serve_connection(sh: &Arc<Shared>, id: u64, stream: Stream) -> Result<(), ConnError> {
     set_socket_buffers(stream.fd());
     // A client that neither talks nor listens must not hold a slot forever
     // during the handshake (in transmission, idle clients are normal).
@@ -654,7 +713,7 @@ fn serve_connection(sh: &Arc<Shared>, stream: Stream) -> Result<(), ConnError> {
     reader.get_ref().set_read_timeout(None)?;
     reader.get_ref().set_write_timeout(None)?;
     tracing::debug!("nbd: serving {:?}", export.name);
-    transmission(sh, reader, writer, export, structured, contexts)
+    transmission(sh, id, reader, writer, export, structured, contexts)
 }
 
 /// What the handshake settled: the export, structured replies, and the
@@ -942,7 +1001,8 @@ struct Conn {
     in_flight: InFlight,
     /// Spare buffers for payloads, reused so steady-state I/O allocates nothing.
     buffers: Mutex<Vec<Vec<u8>>>,
-    /// The socket failed: stop doing work for this client.
+    /// The socket failed, or shutdown answered what was left: stop doing
+    /// work for this client, send nothing more.
     dead: AtomicBool,
     /// Metadata contexts selected, with their ids.
     contexts: Vec<(u32, MetaContext)>,
@@ -950,6 +1010,10 @@ struct Conn {
     block_status_timeout: Duration,
     /// A clone of the socket, to cut it without the writer lock.
     cut: Stream,
+    /// Requests handed to the workers and not answered yet, by cookie (with
+    /// a count: a client may reuse a cookie), so that shutdown can answer
+    /// them when a device does not.
+    unanswered: Mutex<HashMap<u64, (Request, u32)>>,
 }
 
 struct Job {
@@ -989,10 +1053,84 @@ impl Conn {
             return;
         }
         let mut w = self.writer.lock();
+        // Checked again under the writer lock: after `abort` nothing more
+        // goes out (it may have answered this request already).
+        if self.dead.load(Ordering::Relaxed) {
+            return;
+        }
+        // Every reply, simple or a structured chunk, carries the cookie in
+        // bytes 8..16 of its header (the first part).
+        if let Some(c) = parts.first().and_then(|p| p.get(8..16)) {
+            let cookie = u64::from_be_bytes(c.try_into().unwrap_or_default());
+            self.answered(cookie);
+        }
         if let Err(e) = write_all_vectored(&mut *w, parts) {
             tracing::debug!("nbd: reply failed: {e}");
             self.dead.store(true, Ordering::Relaxed);
             let _ = w.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Note a request as handed to the workers.
+    fn track(&self, req: &Request) {
+        self.unanswered
+            .lock()
+            .entry(req.cookie)
+            .or_insert((*req, 0))
+            .1 += 1;
+    }
+
+    /// A reply for `cookie` is going out.
+    fn answered(&self, cookie: u64) {
+        let mut u = self.unanswered.lock();
+        if let Some(e) = u.get_mut(&cookie) {
+            e.1 -= 1;
+            if e.1 == 0 {
+                u.remove(&cookie);
+            }
+        }
+    }
+
+    /// Shutdown after the grace period: answer every request not answered
+    /// yet with `error`, and send nothing more (replies of workers that
+    /// come back later are dropped). Returns the number answered.
+    fn abort(&self, error: u32, msg: &str) -> usize {
+        let Some(mut w) = self.writer.try_lock_for(ABORT_WAIT) else {
+            // A reply is stuck on a client that does not read: cutting the
+            // socket (the caller does) is all that can be done.
+            self.dead.store(true, Ordering::Relaxed);
+            return 0;
+        };
+        let was_dead = self.dead.swap(true, Ordering::Relaxed);
+        let left: Vec<(Request, u32)> = self.unanswered.lock().drain().map(|(_, v)| v).collect();
+        if was_dead {
+            return 0;
+        }
+        let mut n = 0;
+        for (req, count) in left {
+            for _ in 0..count {
+                let out = self.encode_reply(&req, error, msg);
+                if write_all_vectored(&mut *w, &mut [IoSlice::new(&out)]).is_err() {
+                    return n;
+                }
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// The bytes of a reply that carries no data: success or `error`.
+    fn encode_reply(&self, req: &Request, error: u32, msg: &str) -> Vec<u8> {
+        if self.structured && req.command == cmd::READ {
+            if error == 0 {
+                proto::encode_none_chunk(req.cookie).to_vec()
+            } else {
+                let mut out = Vec::with_capacity(64);
+                proto::encode_error_chunk(&mut out, req.cookie, error, None, msg, true);
+                out
+            }
+        } else {
+            proto::encode_simple_reply(error, req.cookie).to_vec()
         }
     }
 
@@ -1026,6 +1164,7 @@ fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> io::R
 
 fn transmission(
     sh: &Shared,
+    id: u64,
     mut reader: BufReader<Stream>,
     writer: Stream,
     export: Export,
@@ -1049,7 +1188,11 @@ fn transmission(
         max_extents: sh.opts.max_block_status_extents.max(1),
         block_status_timeout: sh.opts.block_status_send_timeout,
         cut,
+        unanswered: Mutex::new(HashMap::new()),
     });
+    if let Some(e) = sh.conns.lock().live.get_mut(&id) {
+        e.conn = Some(Arc::downgrade(&conn));
+    }
     let (tx, rx) = crossbeam_channel::bounded::<Job>(nr_workers * 16);
     let mut workers = Vec::with_capacity(nr_workers);
     for i in 0..nr_workers {
@@ -1132,6 +1275,7 @@ fn read_requests(
                 held: 0,
             },
         };
+        conn.track(&job.req);
         if let Err(crossbeam_channel::SendError(job)) = tx.send(job) {
             conn.in_flight.release(job.held);
             return Ok(());
@@ -1373,6 +1517,14 @@ impl Conn {
             let _ = self.cut.shutdown(Shutdown::Both);
             return;
         };
+        // As in `send`: nothing goes out after `abort`, and the request is
+        // answered (its cookie is in bytes 8..16 of the first chunk).
+        if self.dead.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Some(c) = buf.get(8..16) {
+            self.answered(u64::from_be_bytes(c.try_into().unwrap_or_default()));
+        }
         if let Err(e) = send_until(w.fd(), buf, deadline) {
             tracing::debug!("nbd: block status reply failed: {e}");
             self.dead.store(true, Ordering::Relaxed);
