@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 # Debian packages the tests drive: NBD clients (qemu-img/qemu-io, nbdinfo,
 # nbdcopy, fio; python3-libnbd for the backup recipe and bench/soak.py), FUSE, filesystems and
 # loop devices, zstd for fixtures, gdb for the test watchdog (thread stacks
-# of a hung test).
-PKGS=(qemu-utils libnbd-bin python3-libnbd fio fuse3 e2fsprogs util-linux zstd gdb)
+# of a hung test), systemd for systemd-socket-activate.
+PKGS=(qemu-utils libnbd-bin python3-libnbd fio fuse3 e2fsprogs util-linux zstd gdb systemd)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
