@@ -212,25 +212,45 @@ impl Drop for IoGuard<'_> {
     }
 }
 
-/// Origin chunks a snapshot read is reading from the origin: an origin
-/// write to them waits until the guard drops (the read is done).
-struct TrackedReads<'a> {
+/// Chunks registered, one count each, in a per-chunk map of `Inner` until
+/// the guard drops: the origin chunks a snapshot read is reading from the
+/// origin (`reads`: an origin write to them waits), or the chunks a write
+/// through the merging origin is writing on the COW (`merge_writes`: the
+/// merge waits for them before it copies a batch holding them back).
+pub(crate) struct ChunkRefs<'a> {
     snap: &'a Snapshot,
+    map: fn(&mut Inner) -> &mut HashMap<u64, u32>,
     chunks: Vec<u64>,
 }
 
-impl Drop for TrackedReads<'_> {
+impl<'a> ChunkRefs<'a> {
+    fn new(snap: &'a Snapshot, map: fn(&mut Inner) -> &mut HashMap<u64, u32>) -> Self {
+        ChunkRefs {
+            snap,
+            map,
+            chunks: Vec::new(),
+        }
+    }
+    /// Count `c` once more (caller holds `inner`, as `i`).
+    fn add(&mut self, i: &mut Inner, c: u64) {
+        *(self.map)(i).entry(c).or_insert(0) += 1;
+        self.chunks.push(c);
+    }
+}
+
+impl Drop for ChunkRefs<'_> {
     fn drop(&mut self) {
         if self.chunks.is_empty() {
             return;
         }
         let mut i = self.snap.inner.lock();
+        let map = (self.map)(&mut i);
         let mut freed = false;
         for c in self.chunks.drain(..) {
-            if let Some(n) = i.reads.get_mut(&c) {
+            if let Some(n) = map.get_mut(&c) {
                 *n -= 1;
                 if *n == 0 {
-                    i.reads.remove(&c);
+                    map.remove(&c);
                     freed = true;
                 }
             }
@@ -242,30 +262,12 @@ impl Drop for TrackedReads<'_> {
     }
 }
 
-/// Chunks a write through the merging origin is writing on the COW: the
-/// merge waits for them before it copies a batch holding them back.
-pub(crate) struct MergeWrites<'a> {
-    snap: &'a Snapshot,
-    chunks: Vec<u64>,
+fn reads_map(i: &mut Inner) -> &mut HashMap<u64, u32> {
+    &mut i.reads
 }
 
-impl Drop for MergeWrites<'_> {
-    fn drop(&mut self) {
-        if self.chunks.is_empty() {
-            return;
-        }
-        let mut i = self.snap.inner.lock();
-        for c in self.chunks.drain(..) {
-            if let Some(k) = i.merge_writes.get_mut(&c) {
-                *k -= 1;
-                if *k == 0 {
-                    i.merge_writes.remove(&c);
-                }
-            }
-        }
-        drop(i);
-        self.snap.cond.notify_all();
-    }
+fn merge_writes_map(i: &mut Inner) -> &mut HashMap<u64, u32> {
+    &mut i.merge_writes
 }
 
 /// The sync job running flag while the leader runs the job without the
@@ -306,7 +308,7 @@ pub(crate) enum MergeMap<'a> {
     Mapped {
         cow: Vec<(u64, usize, usize)>,
         origin: Vec<(u64, usize, usize)>,
-        tracked: MergeWrites<'a>,
+        tracked: ChunkRefs<'a>,
     },
 }
 
@@ -592,7 +594,7 @@ impl Snapshot {
     /// `__check_for_conflicting_io`); after this and
     /// [`sync_range`](Self::sync_range) the origin may be written. Wakers:
     /// [`copy_done`](Self::copy_done) (copier workers, or the thread of a
-    /// full-chunk write), [`TrackedReads`] drops, a failed allocation.
+    /// full-chunk write), [`ChunkRefs`] drops, a failed allocation.
     fn wait_range(&self, first: u64, last: u64) {
         let mut i = self.inner.lock();
         while Self::busy(&i, first, last) {
@@ -849,10 +851,7 @@ impl Snapshot {
         let cs = self.chunk_size;
         let mut segs = Vec::new();
         let _io = self.start_io()?;
-        let mut tracked = TrackedReads {
-            snap: self,
-            chunks: Vec::new(),
-        };
+        let mut tracked = ChunkRefs::new(self, reads_map);
         {
             let mut i = self.inner.lock();
             for p in pieces(cs, offset, buf.len() as u64) {
@@ -865,8 +864,7 @@ impl Snapshot {
                         p.len,
                     ),
                     None => {
-                        *i.reads.entry(p.chunk).or_insert(0) += 1;
-                        tracked.chunks.push(p.chunk);
+                        tracked.add(&mut i, p.chunk);
                         push_seg(
                             &mut segs,
                             false,
@@ -1118,7 +1116,7 @@ impl Snapshot {
 
     /// Publish `runs` (`(first, n)`, sorted, disjoint) as being merged and
     /// wait until no write through the merging origin is still writing to
-    /// one of them on the COW. The wakers ([`MergeWrites`] drops) hold
+    /// one of them on the COW. The wakers ([`ChunkRefs`] drops) hold
     /// nothing the merge thread holds.
     pub(crate) fn publish_merge_batch(&self, runs: Vec<(u64, u64)>, stop: &dyn Fn() -> bool) {
         let mut i = self.inner.lock();
@@ -1168,10 +1166,7 @@ impl Snapshot {
         }
         let mut cow = Vec::new();
         let mut origin: Vec<(u64, usize, usize)> = Vec::new();
-        let mut tracked = MergeWrites {
-            snap: self,
-            chunks: Vec::new(),
-        };
+        let mut tracked = ChunkRefs::new(self, merge_writes_map);
         for p in ps {
             let new = if i.valid {
                 i.table.lookup(Chunk(p.chunk))
@@ -1180,8 +1175,7 @@ impl Snapshot {
             };
             match new {
                 Some(new) => {
-                    *i.merge_writes.entry(p.chunk).or_insert(0) += 1;
-                    tracked.chunks.push(p.chunk);
+                    tracked.add(&mut i, p.chunk);
                     cow.push((cs.chunk_to_byte(new) + p.in_chunk, p.buf_off, p.len));
                 }
                 None => match origin.last_mut() {

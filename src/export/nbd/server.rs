@@ -204,11 +204,26 @@ impl NbdServer {
         }
     }
 
-    /// Bind now, then accept and serve on background threads.
-    pub fn listen(&self, l: &Listen) -> io::Result<BoundListener> {
+    fn check_running(&self) -> io::Result<()> {
         if self.shared.stopping.load(Ordering::SeqCst) {
             return Err(io::Error::other("the NBD server is shutting down"));
         }
+        Ok(())
+    }
+
+    /// Accept and serve on `listener`, on a background thread.
+    fn accept_on(&self, listener: Listener, addr: BoundAddr) -> io::Result<BoundListener> {
+        let shared = self.shared.clone();
+        let t = std::thread::Builder::new()
+            .name("nbd-accept".into())
+            .spawn(move || accept_loop(&shared, listener))?;
+        self.shared.accept_threads.lock().push(t);
+        Ok(BoundListener { addr })
+    }
+
+    /// Bind now, then accept and serve on background threads.
+    pub fn listen(&self, l: &Listen) -> io::Result<BoundListener> {
+        self.check_running()?;
         let (listener, addr) = match l {
             Listen::Unix(path) => {
                 let ul = bind_unix(path)?;
@@ -221,12 +236,7 @@ impl NbdServer {
                 (Listener::Tcp(tl), BoundAddr::Tcp(a))
             }
         };
-        let shared = self.shared.clone();
-        let t = std::thread::Builder::new()
-            .name("nbd-accept".into())
-            .spawn(move || accept_loop(&shared, listener))?;
-        self.shared.accept_threads.lock().push(t);
-        Ok(BoundListener { addr })
+        self.accept_on(listener, addr)
     }
 
     /// Serve on a listening socket passed in (systemd socket activation:
@@ -234,9 +244,7 @@ impl NbdServer {
     /// unix or TCP. Its socket file, if any, belongs to whoever made it and
     /// is left in place at shutdown.
     pub fn listen_fd(&self, fd: std::os::fd::OwnedFd) -> io::Result<BoundListener> {
-        if self.shared.stopping.load(Ordering::SeqCst) {
-            return Err(io::Error::other("the NBD server is shutting down"));
-        }
+        self.check_running()?;
         let ul = UnixListener::from(fd);
         let (listener, addr) = match ul.local_addr() {
             Ok(a) => {
@@ -254,12 +262,7 @@ impl NbdServer {
                 (Listener::Tcp(tl), BoundAddr::Tcp(a))
             }
         };
-        let shared = self.shared.clone();
-        let t = std::thread::Builder::new()
-            .name("nbd-accept".into())
-            .spawn(move || accept_loop(&shared, listener))?;
-        self.shared.accept_threads.lock().push(t);
-        Ok(BoundListener { addr })
+        self.accept_on(listener, addr)
     }
 
     /// Number of connections being served.
