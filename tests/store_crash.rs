@@ -1,21 +1,22 @@
 //! Power loss at every write/flush of a persistent-store workload.
 //!
 //! The workload mimics the engine: exceptions are prepared in batches (so
-//! several are pending at once and group commit kicks in), the data chunk
-//! of each is written before it is committed, commits arrive in allocation
-//! order, areas fill and roll over (4 KiB chunks: 256 records per area),
-//! and the tail is then merged back step by step. For every `k` the device
-//! loses power at its `k`-th write or flush; the durable image (and the
-//! durable image plus part or all of the disk's write cache) must reopen,
-//! and load exactly a prefix of the committed sequence that contains every
-//! exception whose callback said `true`, each pointing at its own data.
+//! several are pending at once), the data chunk of each is written before
+//! it is recorded, records arrive in allocation order, a sync job runs
+//! when an area fills and otherwise only now and then (group commit: one
+//! job for many records), areas fill and roll over (4 KiB chunks: 256
+//! records per area), and the tail is then merged back one kernel step at
+//! a time (`prepare_merge_batch(1)`). For every `k` the device loses power
+//! at its `k`-th write or flush; the durable image (and the durable image
+//! plus part or all of the disk's write cache) must reopen, and load
+//! exactly a prefix of the recorded sequence that contains every exception
+//! `durable_seq` reported durable, each pointing at its own data.
 
 use dmsnap::format::DiskException;
 use dmsnap::io::testing::CrashDev;
 use dmsnap::io::{BlockDev, MemDev, WriteFlags};
-use dmsnap::store::{ExceptionStore, PersistentStore};
+use dmsnap::store::{ExceptionStore, MergeRun, PersistentStore};
 use dmsnap::units::Chunk;
-use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;
 
@@ -36,12 +37,12 @@ fn stamp(old_chunk: u64) -> Vec<u8> {
 /// known durable.
 #[derive(Default)]
 struct Model {
-    /// Exceptions handed to commit_exception, in order, minus merged ones.
+    /// Exceptions handed to record_exception, in order, minus merged ones.
     log: Vec<DiskException>,
-    /// Every exception before this index is durable (its callback said true
-    /// and it was not merged since).
+    /// Every exception before this index is durable (`durable_seq` reached
+    /// it and it was not merged since).
     durable: usize,
-    /// Merge steps whose commit_merge succeeded.
+    /// Merge steps whose commit_merge_batch succeeded.
     merge_steps: usize,
 }
 
@@ -51,8 +52,6 @@ fn run_workload(dev: Arc<dyn BlockDev>, seed: u64) -> Model {
     let Ok(mut s) = PersistentStore::open(dev.clone(), None, false) else {
         return m;
     };
-    // (sequence number in the log, ok) from the callbacks.
-    let acks = Arc::new(Mutex::new(Vec::<(usize, bool)>::new()));
     let mut queue: std::collections::VecDeque<(DiskException, bool)> = Default::default();
     let mut old = 0u64;
     let mut prepared = 0;
@@ -90,23 +89,32 @@ fn run_workload(dev: Arc<dyn BlockDev>, seed: u64) -> Model {
                 let Some((e, copied)) = queue.pop_front() else {
                     break;
                 };
-                let seq = m.log.len();
                 m.log.push(e);
-                let a = acks.clone();
-                s.commit_exception(e, copied, Box::new(move |ok| a.lock().push((seq, ok))))
-                    .run();
+                let _ = s.record_exception(e, copied);
             }
-        }
-    }
-    for &(seq, ok) in acks.lock().iter() {
-        if ok {
-            m.durable = m.durable.max(seq + 1);
+            // An area filled, or (now and then, and at the end) a
+            // record must become durable.
+            let last = prepared == EXCEPTIONS && queue.is_empty();
+            if s.has_full_areas() || last || rng.gen_bool(0.3) {
+                let _ = s.sync_inline();
+            }
+            // Records are numbered from 1 in log order (no merge yet).
+            m.durable = m.durable.max(s.durable_seq() as usize);
         }
     }
     // Merge the tail back, stepping back across an area boundary.
     let target = m.log.len().saturating_sub(MERGE_RECORDS);
     while m.log.len() > target {
-        let Ok(Some((old, new, n))) = s.prepare_merge() else {
+        let Some(&MergeRun {
+            last_old: old,
+            last_new: new,
+            n,
+        }) = s
+            .prepare_merge_batch(1)
+            .ok()
+            .as_deref()
+            .and_then(<[_]>::first)
+        else {
             break;
         };
         let last = m.log.last().copied();
@@ -118,7 +126,7 @@ fn run_workload(dev: Arc<dyn BlockDev>, seed: u64) -> Model {
         let n = n as usize;
         // Whatever happens next, the durable list may be the shorter one.
         m.durable = m.durable.min(m.log.len() - n);
-        if s.commit_merge(n as u64).is_err() {
+        if s.commit_merge_batch(n as u64).is_err() {
             break;
         }
         m.log.truncate(m.log.len() - n);

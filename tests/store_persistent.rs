@@ -6,7 +6,7 @@
 
 use dmsnap::format::DiskException;
 use dmsnap::io::{BlockDev, MemDev, WriteFlags};
-use dmsnap::store::{ExceptionStore, PersistentStore, StoreError};
+use dmsnap::store::{ExceptionStore, MergeRun, PersistentStore, StoreError};
 use dmsnap::units::{Chunk, ChunkSize};
 use std::io::Read;
 use std::path::PathBuf;
@@ -185,8 +185,9 @@ fn kernel_overflow_invalid() {
     ));
 }
 
-/// Merge the kernel's pre-merge COW to the end through prepare_merge /
-/// commit_merge (copying each run onto the pre-merge origin): the COW must
+/// Merge the kernel's pre-merge COW to the end one kernel step at a time
+/// (`prepare_merge_batch(1)`: one run, then `commit_merge_batch`; each
+/// run copied onto the pre-merge origin): the COW must
 /// equal the kernel's post-merge COW byte for byte and the origin its
 /// post-merge origin.
 #[test]
@@ -197,7 +198,12 @@ fn kernel_merge_gives_the_kernels_cow() {
     let origin = MemDev::from_vec(unzstd(&dir.join("origin_pre_merge.img.zst")));
     let cb = s.chunk_size().bytes();
     let mut steps = 0;
-    while let Some((old, new, n)) = s.prepare_merge().unwrap() {
+    while let Some(&MergeRun {
+        last_old: old,
+        last_new: new,
+        n,
+    }) = s.prepare_merge_batch(1).unwrap().first()
+    {
         let last = all.pop().unwrap();
         assert_eq!((old, new), (last.old_chunk, last.new_chunk));
         all.truncate(all.len() + 1 - n as usize);
@@ -209,7 +215,7 @@ fn kernel_merge_gives_the_kernels_cow() {
         origin
             .write_at(&buf[..end], first_old * cb, WriteFlags::NONE)
             .unwrap();
-        s.commit_merge(n).unwrap();
+        s.commit_merge_batch(n).unwrap();
         steps += 1;
     }
     assert!(all.is_empty());
@@ -286,9 +292,9 @@ fn kernel_overflow_replayed_gives_the_kernels_cow() {
                     old_chunk: Chunk(i),
                     new_chunk: c,
                 };
-                let done = s.commit_exception(e, true, Box::new(|ok| assert!(ok)));
-                assert_eq!(done.0.len(), 1);
-                done.run();
+                s.record_exception(e, true).unwrap();
+                s.sync_inline().unwrap();
+                assert_eq!(s.durable_seq(), s.recorded_seq());
                 assert_eq!(s.usage().to_string(), status_usage(case, &key));
             }
             Err(StoreError::Full { .. }) => {

@@ -19,6 +19,7 @@ use super::snapshot::{pieces, MergeMap, Snapshot};
 use super::SnapError;
 use crate::device::DevError;
 use crate::io::{DevRef, WriteFlags};
+use crate::store::MergeRun;
 use crate::units::{Chunk, ChunkSize};
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -516,15 +517,15 @@ impl Origin {
     fn stage_batch(
         &self,
         snap: &Snapshot,
-        batch: Vec<(Chunk, Chunk, u64)>,
+        batch: Vec<MergeRun>,
         prev: Option<&Batch>,
         stop: &AtomicBool,
     ) -> Result<Batch, String> {
         let cs = snap.chunk_size();
         let mut runs = Vec::with_capacity(batch.len());
         let mut nr = 0u64;
-        for (old, new, n) in batch {
-            let (old, new) = (old.0, new.0);
+        for r in batch {
+            let (old, new, n) = (r.last_old.0, r.last_new.0, r.n);
             if n == 0 || n > old + 1 || n > new {
                 return Err(format!("bad merge run of {n} ending at {old}→{new}"));
             }

@@ -4,20 +4,28 @@
 //!
 //! Calling discipline (as in the kernel, where kcopyd delivers completions on
 //! one thread): the engine holds the store behind one lock; every
-//! `prepare_exception` is later matched by exactly one `commit_exception`
-//! (with `valid = false` if the copy failed), and commits arrive **in
+//! `prepare_exception` is later matched by exactly one `record_exception`
+//! (with `valid = false` if the copy failed), and records arrive **in
 //! allocation order**.
 //!
-//! `commit_exception` is the kernel's call: it records the exception and,
-//! when the group commit says so, writes the area there and then. The engine
-//! uses its two halves instead, so that no lock is held across the area
-//! I/O: [`record_exception`](ExceptionStore::record_exception) appends the
+//! The kernel's `commit_exception` records an exception and, when its group
+//! commit says so, writes the area there and then. Here it is two halves,
+//! so that no lock is held across the area I/O:
+//! [`record_exception`](ExceptionStore::record_exception) appends the
 //! record in memory and returns its sequence number, and
 //! [`start_sync`](ExceptionStore::start_sync) captures a [`SyncJob`] (the
 //! area writes that make every record so far durable) that the caller runs
 //! outside its lock, one job at a time, and reports back with
 //! [`finish_sync`](ExceptionStore::finish_sync). A record is durable once
 //! [`durable_seq`](ExceptionStore::durable_seq) has reached its number.
+//! Group commit falls out: every record appended while a job runs goes
+//! into the next one. Callers without a lock to spare (offline tools,
+//! tests) run a job inline with [`sync_inline`](ExceptionStore::sync_inline).
+//!
+//! Merging is batched the same way: [`prepare_merge_batch`](ExceptionStore::prepare_merge_batch)
+//! returns the kernel's `prepare_merge` runs one after the other (a budget
+//! of one exception gives exactly one kernel step), and
+//! [`commit_merge_batch`](ExceptionStore::commit_merge_batch) clears them.
 
 pub mod persistent;
 pub mod transient;
@@ -139,8 +147,15 @@ pub enum StoreError {
         on_disk: ChunkSize,
         requested: ChunkSize,
     },
-    #[error("corrupt metadata in area {area}, slot {slot}: {what}")]
-    Corrupt { area: u64, slot: u64, what: String },
+    #[error("corrupt metadata in area {area}, slot {slot}")]
+    Corrupt {
+        area: u64,
+        slot: u64,
+        #[source]
+        kind: Corruption,
+    },
+    #[error("commit_merge_batch of {nr_merged} exceptions does not match the prepared batch")]
+    StaleMergeBatch { nr_merged: u64 },
     #[error("the exception store is invalid (an earlier error or an invalidated snapshot)")]
     Invalid,
     #[error("this store type cannot merge (only persistent stores can)")]
@@ -151,25 +166,53 @@ pub enum StoreError {
     Panicked(&'static str),
 }
 
-/// Called once a committed exception is durable (`true`) or has failed (`false`).
-pub type CommitCallback = Box<dyn FnOnce(bool) + Send>;
+/// One run of a merge (what the kernel's `persistent_prepare_merge`
+/// returns): the `n` exceptions ending at `last_old → last_new`, in which
+/// both the origin and the COW chunks are consecutive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MergeRun {
+    pub last_old: Chunk,
+    pub last_new: Chunk,
+    pub n: u64,
+}
 
-/// Callbacks the store has finished with: the caller runs them *after*
-/// releasing the store's lock (they may take engine locks).
-#[must_use = "the callbacks must be run"]
-#[derive(Default)]
-pub struct Completed(pub Vec<(CommitCallback, bool)>);
+impl MergeRun {
+    /// The run's first origin chunk (`None` for a run that would wrap
+    /// around chunk 0 or is empty: corrupt).
+    pub fn first_old(&self) -> Option<Chunk> {
+        self.last_old
+            .0
+            .checked_add(1)?
+            .checked_sub(self.n)
+            .filter(|_| self.n > 0)
+            .map(Chunk)
+    }
+    /// The run's first COW chunk (`None` as for [`first_old`](Self::first_old)).
+    pub fn first_new(&self) -> Option<Chunk> {
+        self.last_new
+            .0
+            .checked_add(1)?
+            .checked_sub(self.n)
+            .filter(|_| self.n > 0)
+            .map(Chunk)
+    }
+}
 
-impl Completed {
-    /// Run every callback, in commit order.
-    pub fn run(self) {
-        for (cb, ok) in self.0 {
-            cb(ok);
-        }
-    }
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
+/// What is wrong with loaded metadata ([`StoreError::Corrupt`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Corruption {
+    #[error("new_chunk {new_chunk} (old_chunk {old_chunk}) lies beyond the end of the COW device ({cow_chunks} chunks)")]
+    BeyondDevice {
+        old_chunk: Chunk,
+        new_chunk: Chunk,
+        cow_chunks: u64,
+    },
+    #[error("new_chunk {new_chunk} (old_chunk {old_chunk}) is a metadata chunk")]
+    MetadataChunk { old_chunk: Chunk, new_chunk: Chunk },
+    #[error("the metadata area (chunk {chunk}) lies beyond the end of the COW device ({cow_chunks} chunks): the exception list has no terminator")]
+    NoTerminator { chunk: Chunk, cow_chunks: u64 },
+    #[error("the area before the current one is not full")]
+    PreviousAreaNotFull,
 }
 
 /// `dm_exception_store_type` as a trait. Method docs name the kernel function
@@ -190,50 +233,21 @@ pub trait ExceptionStore: Send {
     /// `Err(StoreError::Full)` when the COW has no room.
     fn prepare_exception(&mut self) -> Result<Chunk, StoreError>;
 
-    /// `commit_exception`: record `e` (whose data copy has completed, or failed
-    /// when `valid` is false). Group commit: the record may be held until no
-    /// other prepared exception is pending or the area is full; the returned
-    /// callbacks are those whose records are now durable (or failed).
-    fn commit_exception(
-        &mut self,
-        e: DiskException,
-        valid: bool,
-        callback: CommitCallback,
-    ) -> Completed;
+    /// `prepare_merge`, batched: the runs the kernel's `prepare_merge`
+    /// would return one after the other if each were committed in turn,
+    /// last first, whole runs only, at most `max_chunks` exceptions in all
+    /// (but always the first run: `max_chunks = 1` is one kernel step).
+    /// Empty when nothing is left. Changes no durable state: the batch is
+    /// applied by [`commit_merge_batch`](Self::commit_merge_batch).
+    fn prepare_merge_batch(&mut self, max_chunks: u64) -> Result<Vec<MergeRun>, StoreError>;
 
-    /// `prepare_merge`: the last committed exception and the length of the
-    /// run ending at it in which both `old_chunk` and `new_chunk` are
-    /// consecutive. `Ok(None)` when nothing is left to merge. Returns
-    /// `(last_old_chunk, last_new_chunk, nr_consecutive)`.
-    fn prepare_merge(&mut self) -> Result<Option<(Chunk, Chunk, u64)>, StoreError>;
+    /// `commit_merge`, batched: forget every exception of the oldest batch
+    /// `prepare_merge_batch` returned (`nr_merged` of them), durably (the
+    /// cleared records are the resume point after a crash), leaving the
+    /// state the kernel's `commit_merge` would have left run by run.
+    fn commit_merge_batch(&mut self, nr_merged: u64) -> Result<(), StoreError>;
 
-    /// `commit_merge`: forget the last `nr_merged` exceptions, durably
-    /// (the cleared records are the resume point after a crash).
-    fn commit_merge(&mut self, nr_merged: u64) -> Result<(), StoreError>;
-
-    /// Batched `prepare_merge`: the runs `prepare_merge` would return one
-    /// after the other if each were committed in turn, last first, whole
-    /// runs only, at most `max_chunks` exceptions in all (but always the
-    /// first run). Empty when nothing is left. Changes no state: the batch
-    /// is applied by [`commit_merge_batch`](Self::commit_merge_batch).
-    /// The default is one `prepare_merge`.
-    fn prepare_merge_batch(
-        &mut self,
-        max_chunks: u64,
-    ) -> Result<Vec<(Chunk, Chunk, u64)>, StoreError> {
-        let _ = max_chunks;
-        Ok(self.prepare_merge()?.into_iter().collect())
-    }
-
-    /// Batched `commit_merge`: forget every exception of the batch the last
-    /// `prepare_merge_batch` returned (`nr_merged` of them), durably, leaving
-    /// the state `commit_merge` would have left run by run. The default is
-    /// one `commit_merge`.
-    fn commit_merge_batch(&mut self, nr_merged: u64) -> Result<(), StoreError> {
-        self.commit_merge(nr_merged)
-    }
-
-    /// The first half of `commit_exception`: append `e`'s record to the
+    /// The first half of the kernel's `commit_exception`: append `e`'s record to the
     /// working metadata (its data copy has completed; `valid = false` when
     /// it failed, which invalidates the store). Writes nothing; returns the
     /// record's sequence number (1, 2, ... since the store was opened).
@@ -260,6 +274,27 @@ pub trait ExceptionStore: Send {
     /// Report a job's outcome: on success its records are durable; an
     /// error invalidates the store (the first error is kept).
     fn finish_sync(&mut self, upto: u64, result: Result<(), StoreError>);
+
+    /// Start, run and finish a sync job here and now (the kernel's inline
+    /// area write), for callers that hold no lock others need: offline
+    /// tools, tests, a merge starting from durable records.
+    /// `Err(StoreError::Invalid)` when the store is or became invalid (a
+    /// persistent store keeps the cause for `take_error`).
+    fn sync_inline(&mut self) -> Result<(), StoreError> {
+        if let Some(job) = self.start_sync() {
+            let res = job.run();
+            let failed = res.is_err();
+            self.finish_sync(job.upto(), res);
+            if failed {
+                return Err(StoreError::Invalid);
+            }
+        }
+        if self.is_valid() {
+            Ok(())
+        } else {
+            Err(StoreError::Invalid)
+        }
+    }
 
     /// Whether `prepare_merge_batch` may be called again before the batch
     /// it returned is committed (a merge copying the next batch while the

@@ -1,7 +1,7 @@
 //! The transient store (`N`, `dm-snap-transient.c`): chunks handed out from
 //! sector 0, nothing written but data, nothing read back at activation.
 
-use super::{CommitCallback, Completed, ExceptionStore, StoreError, SyncJob, Usage};
+use super::{ExceptionStore, MergeRun, StoreError, SyncJob, Usage};
 use crate::format::DiskException;
 use crate::units::{Chunk, ChunkSize, Sector};
 
@@ -50,15 +50,6 @@ impl ExceptionStore for TransientStore {
         self.next_free.0 += self.chunk_size.sectors();
         Ok(c)
     }
-    /// `transient_commit_exception`: nothing to write.
-    fn commit_exception(
-        &mut self,
-        _e: DiskException,
-        valid: bool,
-        callback: CommitCallback,
-    ) -> Completed {
-        Completed(vec![(callback, valid)])
-    }
     /// Nothing to write: a record is as durable as it will ever be.
     fn record_exception(&mut self, _e: DiskException, valid: bool) -> Result<u64, StoreError> {
         if !valid {
@@ -83,10 +74,10 @@ impl ExceptionStore for TransientStore {
         None
     }
     fn finish_sync(&mut self, _upto: u64, _result: Result<(), StoreError>) {}
-    fn prepare_merge(&mut self) -> Result<Option<(Chunk, Chunk, u64)>, StoreError> {
+    fn prepare_merge_batch(&mut self, _max_chunks: u64) -> Result<Vec<MergeRun>, StoreError> {
         Err(StoreError::MergeUnsupported)
     }
-    fn commit_merge(&mut self, _nr_merged: u64) -> Result<(), StoreError> {
+    fn commit_merge_batch(&mut self, _nr_merged: u64) -> Result<(), StoreError> {
         Err(StoreError::MergeUnsupported)
     }
     fn drop_snapshot(&mut self) -> Result<(), StoreError> {

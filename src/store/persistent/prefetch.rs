@@ -393,7 +393,8 @@ fn uring_reader(cow: &dyn BlockDev, chunk_size: ChunkSize, areas: u64) -> Option
 
 #[cfg(test)]
 mod tests {
-    use super::super::{MetadataChunks, PersistentStore};
+    use super::super::load::MetadataChunks;
+    use super::super::PersistentStore;
     use super::*;
     use crate::format::{
         encode_area, exceptions_per_area, is_metadata_chunk, skip_metadata, DiskException,
