@@ -849,31 +849,15 @@ impl Snapshot {
     fn read_snapshot(&self, buf: &mut [u8], offset: u64) -> Result<(), DevError> {
         check_request(offset, buf.len() as u64, self.origin_size)?;
         let cs = self.chunk_size;
-        let mut segs = Vec::new();
+        let segs;
         let _io = self.start_io()?;
         let mut tracked = ChunkRefs::new(self, reads_map);
         {
             let mut i = self.inner.lock();
-            for p in pieces(cs, offset, buf.len() as u64) {
-                match i.table.lookup(Chunk(p.chunk)) {
-                    Some(new) => push_seg(
-                        &mut segs,
-                        true,
-                        cs.chunk_to_byte(new) + p.in_chunk,
-                        p.buf_off,
-                        p.len,
-                    ),
-                    None => {
-                        tracked.add(&mut i, p.chunk);
-                        push_seg(
-                            &mut segs,
-                            false,
-                            offset + p.buf_off as u64,
-                            p.buf_off,
-                            p.len,
-                        );
-                    }
-                }
+            let mut from_origin = Vec::new();
+            segs = Self::map_read(&i, cs, offset, buf.len() as u64, |c| from_origin.push(c));
+            for c in from_origin {
+                tracked.add(&mut i, c);
             }
         }
         for s in &segs {
@@ -1195,16 +1179,32 @@ impl Snapshot {
     /// Map a read of the merging origin: chunks with an exception come from
     /// the COW, the rest from the origin.
     pub(crate) fn map_merge_read(&self, offset: u64, len: u64) -> Vec<Seg> {
-        let cs = self.chunk_size;
-        let mut segs = Vec::new();
         let i = self.inner.lock();
+        if !i.valid && len > 0 {
+            return vec![Seg {
+                to_cow: false,
+                dev_off: offset,
+                buf_off: 0,
+                len: len as usize,
+            }];
+        }
+        Self::map_read(&i, self.chunk_size, offset, len, |_| {})
+    }
+
+    /// The device segments of a read of `[offset, offset+len)`: chunks with
+    /// an exception from the COW, the rest from the origin (each such chunk
+    /// handed to `from_origin`). The one mapping of snapshot reads and of
+    /// reads of the merging origin.
+    fn map_read(
+        i: &Inner,
+        cs: ChunkSize,
+        offset: u64,
+        len: u64,
+        mut from_origin: impl FnMut(u64),
+    ) -> Vec<Seg> {
+        let mut segs = Vec::new();
         for p in pieces(cs, offset, len) {
-            let new = if i.valid {
-                i.table.lookup(Chunk(p.chunk))
-            } else {
-                None
-            };
-            match new {
+            match i.table.lookup(Chunk(p.chunk)) {
                 Some(new) => push_seg(
                     &mut segs,
                     true,
@@ -1212,13 +1212,16 @@ impl Snapshot {
                     p.buf_off,
                     p.len,
                 ),
-                None => push_seg(
-                    &mut segs,
-                    false,
-                    offset + p.buf_off as u64,
-                    p.buf_off,
-                    p.len,
-                ),
+                None => {
+                    from_origin(p.chunk);
+                    push_seg(
+                        &mut segs,
+                        false,
+                        offset + p.buf_off as u64,
+                        p.buf_off,
+                        p.len,
+                    )
+                }
             }
         }
         segs

@@ -296,16 +296,7 @@ impl NbdServer {
         for e in table.live.values() {
             let _ = e.stream.shutdown(Shutdown::Read);
         }
-        let deadline = Instant::now() + sh.opts.shutdown_grace;
-        while !table.live.is_empty() {
-            if sh
-                .conns_changed
-                .wait_until(&mut table, deadline)
-                .timed_out()
-            {
-                break;
-            }
-        }
+        wait_for_no_connections(sh, &mut table, Instant::now() + sh.opts.shutdown_grace);
         if !table.live.is_empty() {
             // Stuck devices or clients that do not read their replies:
             // answer what is left with an error, cut the sockets.
@@ -332,16 +323,7 @@ impl NbdServer {
                 }
             }
             table = sh.conns.lock();
-            let deadline = Instant::now() + ABORT_WAIT;
-            while !table.live.is_empty() {
-                if sh
-                    .conns_changed
-                    .wait_until(&mut table, deadline)
-                    .timed_out()
-                {
-                    break;
-                }
-            }
+            wait_for_no_connections(sh, &mut table, Instant::now() + ABORT_WAIT);
             tracing::warn!(
                 answered,
                 stuck = table.live.len(),
@@ -567,6 +549,20 @@ fn bind_unix(path: &Path) -> io::Result<UnixListener> {
         return Err(e);
     }
     Ok(UnixListener::from(fd))
+}
+
+/// Wait (on `conns_changed`, which connection threads signal as they end)
+/// until no connection is live or `deadline` passed.
+fn wait_for_no_connections(
+    sh: &Shared,
+    table: &mut parking_lot::MutexGuard<'_, ConnTable>,
+    deadline: Instant,
+) {
+    while !table.live.is_empty() {
+        if sh.conns_changed.wait_until(table, deadline).timed_out() {
+            break;
+        }
+    }
 }
 
 fn accept_loop(sh: &Arc<Shared>, listener: Listener) {
